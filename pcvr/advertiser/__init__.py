@@ -1,0 +1,1 @@
+"""The advertiser: conversion ingest, consent policy, pseudonymous keys, randomized response."""

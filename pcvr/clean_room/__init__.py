@@ -1,0 +1,1 @@
+"""The clean room: joins platform features with noisy labels and computes batch adapter gradients."""

@@ -1,0 +1,89 @@
+"""The clean room's training data: platform features joined with noisy labels by pseudonymous key.
+
+Rows without a label (opted-out users, clicks the advertiser has no record of)
+are dropped; labels without features are counted, never trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pcvr.data import schema
+from pcvr.data.io import DataError, Kind, read_table, require_unique, require_values_in, write_parquet_atomic
+from pcvr.models.features import EncodedFeatures, cat_column, dense_column
+
+__all__ = ["CleanRoomData", "JoinSummary", "join_inputs", "load_training_data"]
+
+LABEL_KINDS = {
+    schema.JOIN_KEY: Kind.BINARY,
+    schema.NOISY_LABEL: Kind.INTEGER,
+    schema.EPSILON: Kind.FLOAT,
+    schema.FLIP_PROB: Kind.FLOAT,
+}
+
+
+@dataclass(frozen=True)
+class CleanRoomData:
+    """Joined training rows: encoded features, noisy labels and per-row flip probabilities."""
+
+    features: EncodedFeatures
+    noisy_labels: torch.Tensor  # float32 [N], values in {0, 1}
+    flip_probs: torch.Tensor  # float32 [N], values in [0, 0.5)
+
+    def __len__(self) -> int:
+        return len(self.noisy_labels)
+
+
+@dataclass(frozen=True)
+class JoinSummary:
+    rows: int
+    features_without_label: int
+    labels_without_features: int
+
+
+def _feature_kinds(num_categorical: int, num_dense: int) -> dict[str, Kind]:
+    return {
+        schema.JOIN_KEY: Kind.BINARY,
+        **{cat_column(i): Kind.INTEGER for i in range(num_categorical)},
+        **{dense_column(j): Kind.FLOAT for j in range(num_dense)},
+    }
+
+
+def join_inputs(
+    features_path: Path, labels_path: Path, out_path: Path, *, num_categorical: int, num_dense: int
+) -> JoinSummary:
+    """Validate both inputs, inner-join on the join key, write ``out_path``; nothing written on error."""
+    features = read_table(features_path, columns=_feature_kinds(num_categorical, num_dense))
+    require_unique(features, schema.JOIN_KEY, path=features_path)
+    labels = read_table(labels_path, columns=LABEL_KINDS, allow_infinite=(schema.EPSILON,))
+    require_unique(labels, schema.JOIN_KEY, path=labels_path)
+    require_values_in(labels, schema.NOISY_LABEL, (0, 1), path=labels_path)
+    flip = labels.column(schema.FLIP_PROB).to_numpy()
+    bad = np.flatnonzero((flip < 0) | (flip >= 0.5))
+    if bad.size:
+        raise DataError(f"{labels_path}: row {bad[0]}: column {schema.FLIP_PROB!r} must be in [0, 0.5); got {flip[bad[0]]}")
+    joined = features.join(labels, keys=schema.JOIN_KEY, join_type="inner")
+    if joined.num_rows == 0:
+        raise DataError(f"{labels_path}: no label matches a row of {features_path} (different join secrets?)")
+    write_parquet_atomic(joined, out_path)
+    return JoinSummary(
+        rows=joined.num_rows,
+        features_without_label=features.num_rows - joined.num_rows,
+        labels_without_features=labels.num_rows - joined.num_rows,
+    )
+
+
+def load_training_data(path: Path, *, num_categorical: int, num_dense: int) -> CleanRoomData:
+    """Load a table written by :func:`join_inputs` into tensors."""
+    table = pq.read_table(path)
+    return CleanRoomData(
+        features=EncodedFeatures.from_encoded_table(table, num_categorical=num_categorical, num_dense=num_dense),
+        noisy_labels=torch.from_numpy(table.column(schema.NOISY_LABEL).to_numpy().astype(np.float32)),
+        flip_probs=torch.from_numpy(table.column(schema.FLIP_PROB).to_numpy().astype(np.float32)),
+    )

@@ -1,0 +1,1 @@
+"""The CVR network, its gated LoRA adapters, and the feature encoding both parties share."""

@@ -1,0 +1,1 @@
+"""The platform: backbone pretraining, feature export, the Flower ServerApp, evaluation."""

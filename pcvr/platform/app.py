@@ -1,0 +1,57 @@
+"""The platform's Flower ServerApp: load the backbone and holdout, run the round loop, write results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from pcvr.models.cvr import load_backbone, parameter_counts
+from pcvr.platform.federation import Holdout, run_federated_training
+from pcvr.platform.features import read_labelled
+from pcvr.platform.training import AdapterTrainer
+from pcvr.protocols.run_config import RunConfig
+
+__all__ = ["app", "make_server_app", "backbone_dir", "holdout_path"]
+
+
+def backbone_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "platform" / "backbone"
+
+
+def holdout_path(data_dir: Path) -> Path:
+    return Path(data_dir) / "world" / "holdout.parquet"
+
+
+def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``."""
+    defaults = dict(defaults or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        started = time.monotonic()
+        config = RunConfig.from_run_config({**defaults, **context.run_config})
+        backbone = load_backbone(backbone_dir(config.data_dir))
+        features, labels, _ = read_labelled(holdout_path(config.data_dir), buckets=backbone.config.buckets)
+        trainer = AdapterTrainer(
+            backbone, learning_rate=config.learning_rate, total_steps=config.num_rounds, seed=config.seed
+        )
+        torch.set_num_threads(1)
+        run_log = run_federated_training(grid, config, trainer, Holdout(features, labels))
+        run_log.write(
+            config.run_dir / "result.json",
+            config=config.to_run_config(),
+            parameters=parameter_counts(trainer.model),
+            final=run_log.evaluations[-1],
+            wall_s=time.monotonic() - started,
+        )
+
+    return server_app
+
+
+app = make_server_app()

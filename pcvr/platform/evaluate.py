@@ -1,0 +1,45 @@
+"""Holdout metrics: AUC, normalized entropy, calibration.
+
+* AUC: ``sklearn.metrics.roc_auc_score``.
+* NE (He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook",
+  2014): mean log loss divided by the entropy of the holdout's base rate; < 1
+  beats predicting the base rate, lower is better.
+* calibration: Σp / Σy on the holdout's true labels; 1 is calibrated, 4 means the
+  model predicts four times as many conversions as happen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+
+from pcvr.models.features import EncodedFeatures
+
+__all__ = ["holdout_metrics", "predict"]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, features: EncodedFeatures, *, batch_size: int = 65_536) -> np.ndarray:
+    """Predicted conversion probabilities, float64, shape [N]."""
+    model.eval()
+    chunks = [
+        torch.sigmoid(model(features.take(torch.arange(start, min(start + batch_size, len(features))))))
+        for start in range(0, len(features), batch_size)
+    ]
+    return torch.cat(chunks).double().numpy()
+
+
+def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """AUC, NE and calibration of ``probs`` against binary ``labels``."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.sum() in (0, len(labels)):
+        raise ValueError("holdout needs both classes to compute AUC and NE")
+    base_rate = labels.mean()
+    entropy = -(base_rate * np.log(base_rate) + (1 - base_rate) * np.log(1 - base_rate))
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    return {
+        "auc": float(roc_auc_score(labels, probs)),
+        "ne": float(log_loss(labels, clipped) / entropy),
+        "calibration": float(probs.sum() / labels.sum()),
+    }

@@ -1,0 +1,1 @@
+"""Everything that crosses a party boundary: label-DP mechanisms, keys, messages."""

@@ -1,0 +1,238 @@
+"""``pcvr simulate``: a whole multi-party run on one machine, end to end.
+
+1. the synthetic world (``pcvr.data.synth``) — platform logs, advertiser conversions, holdout;
+2. the platform pretrains and freezes the backbone on its own clicks, and exports
+   each clean room's features under the pseudonymous join key;
+3. each advertiser applies its consent policy and randomized response and hands
+   the noisy labels into its clean room, which joins them with the features;
+4. for each setting, Flower's simulation engine runs the platform's ServerApp and
+   one ClientApp per clean room; the platform evaluates on the holdout's true labels.
+
+Preparation is idempotent: what a work directory already holds is reused, so
+settings can be re-run without regenerating data or pretraining again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcvr.advertiser.handoff import hand_off
+from pcvr.advertiser.policy import ConsentPolicy
+from pcvr.clean_room.app import clean_room_dir, make_client_app
+from pcvr.clean_room.dataset import join_inputs
+from pcvr.data import schema
+from pcvr.data.synth import WorldConfig, synthesize
+from pcvr.models.cvr import ModelConfig, attach_adapters, load_backbone, parameter_counts, save_backbone
+from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
+from pcvr.platform.evaluate import holdout_metrics, predict
+from pcvr.platform.features import export_for_clean_room, read_labelled
+from pcvr.platform.pretrain import pretrain_backbone
+from pcvr.protocols.keys import load_or_create_secret
+from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.run_config import RunConfig
+
+__all__ = ["SimulationSpec", "prepare", "run_setting", "simulate", "format_table"]
+
+log = logging.getLogger(__name__)
+NON_PRIVATE = "non_private"
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    """Everything one ``pcvr simulate`` invocation does."""
+
+    work_dir: Path = Path("runs/demo")
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: ConsentPolicy = field(default_factory=ConsentPolicy.default)
+    epsilon: float = 3.0
+    correction: Correction = Correction.FORWARD
+    num_rounds: int = 150
+    batch_size: int = 8192
+    min_batch_size: int = 1024
+    learning_rate: float = 0.02
+    eval_every: int = 50
+    seed: int = 0
+    pretrain_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0 or math.isinf(self.epsilon):
+            raise ValueError(f"epsilon must be a finite number > 0; got {self.epsilon}")
+
+    @property
+    def private_label_set(self) -> str:
+        return f"eps={self.epsilon:g}"
+
+    def label_sets(self) -> dict[str, ConsentPolicy]:
+        no_noise = ConsentPolicy(tuple((lvl, None if eps is None else math.inf) for lvl, eps in self.policy.epsilons))
+        return {NON_PRIVATE: no_noise, self.private_label_set: self.policy.capped(epsilon=self.epsilon)}
+
+    def run_config(self, *, label_set: str, correction: Correction, name: str) -> RunConfig:
+        return RunConfig(
+            data_dir=self.work_dir,
+            label_set=label_set,
+            run_dir=self.work_dir / "runs" / name,
+            num_rounds=self.num_rounds,
+            clean_rooms=self.world.advertisers,
+            batch_size=self.batch_size,
+            min_batch_size=self.min_batch_size,
+            correction=correction,
+            learning_rate=self.learning_rate,
+            eval_every=self.eval_every,
+            seed=self.seed,
+        )
+
+
+def _load_existing_world(world_dir: Path, config: WorldConfig) -> dict:
+    summary = json.loads((world_dir / "world.json").read_text())
+    stored = {k: (tuple(map(tuple, v)) if k == "consent_mix" else v) for k, v in summary["config"].items()}
+    if WorldConfig(**stored) != config:
+        raise ValueError(f"{world_dir} holds a world generated with other settings; use a new --work-dir")
+    return summary
+
+
+def prepare(spec: SimulationSpec) -> dict:
+    """Create (or reuse) the world, backbone, exports, hand-offs and joins under ``spec.work_dir``."""
+    work = spec.work_dir
+    world_dir = work / "world"
+    if (world_dir / "world.json").exists():
+        world = _load_existing_world(world_dir, spec.world)
+    else:
+        log.info("synthesizing %d clean-room rows into %s", spec.world.rows, world_dir)
+        world = synthesize(world_dir, spec.world)
+
+    if not (backbone_dir(work) / "backbone.pt").exists():
+        features, labels, _ = read_labelled(world_dir / "platform" / "pretrain.parquet", buckets=spec.model.buckets)
+        backbone = pretrain_backbone(
+            features, labels, config=spec.model, epochs=spec.pretrain_epochs, generator=torch.Generator().manual_seed(spec.seed)
+        )
+        save_backbone(backbone, backbone_dir(work))
+
+    ledgers: dict[str, list[dict]] = {}
+    for k in range(spec.world.advertisers):
+        secrets = work / "secrets" / f"advertiser_{k}"
+        join_secret = load_or_create_secret(secrets / "join.key")  # agreed by advertiser k and the platform
+        rr_secret = load_or_create_secret(secrets / "rr.key")  # the advertiser's alone
+        room = clean_room_dir(work, k)
+        if not (room / "features.parquet").exists():
+            export_for_clean_room(
+                world_dir / "platform" / "features" / f"advertiser_{k}.parquet",
+                room / "features.parquet",
+                join_secret=join_secret,
+                buckets=spec.model.buckets,
+            )
+        if not (room / "backbone" / "backbone.pt").exists():
+            shutil.copytree(backbone_dir(work), room / "backbone", dirs_exist_ok=True)
+        for name, policy in spec.label_sets().items():
+            label_dir = room / name
+            if not (label_dir / "train.parquet").exists():
+                hand_off(
+                    world_dir / f"advertiser_{k}" / "conversions.parquet",
+                    label_dir,
+                    policy=policy,
+                    join_secret=join_secret,
+                    rr_secret=rr_secret,
+                )
+                join_inputs(
+                    room / "features.parquet",
+                    label_dir / "labels.parquet",
+                    label_dir / "train.parquet",
+                    num_categorical=len(schema.CATEGORICAL_FIELDS),
+                    num_dense=len(schema.DENSE_FIELDS),
+                )
+            ledgers.setdefault(name, []).append(json.loads((label_dir / "ledger.json").read_text()))
+    return {"world": world, "ledgers": ledgers}
+
+
+def _quiet_flower() -> None:
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+
+
+def run_setting(spec: SimulationSpec, *, name: str, label_set: str, correction: Correction) -> dict:
+    """One federated training run in Flower's simulation engine; returns the platform's result."""
+    from flwr.simulation import run_simulation
+
+    config = spec.run_config(label_set=label_set, correction=correction, name=name)
+    shutil.rmtree(config.run_dir, ignore_errors=True)
+    overrides = config.to_run_config()
+    _quiet_flower()
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=make_client_app(overrides),
+        num_supernodes=spec.world.advertisers,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": os.cpu_count() or 1}},
+    )
+    result_path = config.run_dir / "result.json"
+    if not result_path.exists():
+        raise RuntimeError(f"setting {name}: the ServerApp ended without writing {result_path} (see the log above)")
+    return json.loads(result_path.read_text())
+
+
+def simulate(spec: SimulationSpec) -> dict:
+    """Prepare, then run the backbone, non-private, corrected and uncorrected settings."""
+    started = time.monotonic()
+    prepared = prepare(spec)
+    backbone = load_backbone(backbone_dir(spec.work_dir))
+    features, labels, true_prob = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
+    results = {"backbone": holdout_metrics(labels, predict(backbone, features))}
+    if true_prob is not None:
+        results["oracle"] = holdout_metrics(labels, true_prob)
+    eps = spec.private_label_set
+    runs = {
+        NON_PRIVATE: (NON_PRIVATE, Correction.NONE),
+        f"{eps},{spec.correction.value}": (eps, spec.correction),
+    }
+    if spec.correction is not Correction.NONE:
+        runs[f"{eps},none"] = (eps, Correction.NONE)
+    bytes_up = bytes_down = 0
+    for name, (label_set, correction) in runs.items():
+        result = run_setting(spec, name=name, label_set=label_set, correction=correction)
+        results[name] = {key: result["final"][key] for key in ("auc", "ne", "calibration")}
+        bytes_up += result["bytes_up"]
+        bytes_down += result["bytes_down"]
+    summary = {
+        "results": results,
+        "rounds": spec.num_rounds,
+        "clean_rooms": spec.world.advertisers,
+        "wall_s": round(time.monotonic() - started, 1),
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "parameters": parameter_counts(attach_adapters(backbone)),
+        "epsilon": spec.epsilon,
+        "correction": spec.correction.value,
+        "ledger": prepared["ledgers"][eps],
+    }
+    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """A fixed-width table of the settings, with AUC relative to ``non_private``."""
+    results = summary["results"]
+    reference = results.get(NON_PRIVATE, {}).get("auc")
+    lines = [f"{'setting':<22} {'AUC':>7} {'ΔAUC vs non_private':>20} {'NE':>7} {'calibration':>12}"]
+    for name, metrics in results.items():
+        delta = "" if reference is None else f"{100 * (metrics['auc'] / reference - 1):+.2f}%"
+        lines.append(f"{name:<22} {metrics['auc']:>7.4f} {delta:>20} {metrics['ne']:>7.4f} {metrics['calibration']:>12.3f}")
+    params = summary["parameters"]
+    lines.append(
+        f"\n{summary['clean_rooms']} clean rooms, {summary['rounds']} rounds per setting, "
+        f"{summary['bytes_up'] / 1e6:.1f} MB up / {summary['bytes_down'] / 1e6:.1f} MB down in all, "
+        f"{summary['wall_s']:.0f} s; adapters {params['adapters']:,} params = "
+        f"{100 * params['adapters'] / params['backbone']:.2f}% of the backbone's {params['backbone']:,}"
+    )
+    return "\n".join(lines)
