@@ -20,6 +20,7 @@ from pcvr.models.features import EncodedFeatures, cat_column, dense_column
 
 __all__ = ["CleanRoomData", "JoinSummary", "join_inputs", "load_training_data"]
 
+_ROW = "_feature_row"
 LABEL_KINDS = {
     schema.JOIN_KEY: Kind.BINARY,
     schema.NOISY_LABEL: Kind.INTEGER,
@@ -68,7 +69,13 @@ def join_inputs(
     bad = np.flatnonzero((flip < 0) | (flip >= 0.5))
     if bad.size:
         raise DataError(f"{labels_path}: row {bad[0]}: column {schema.FLIP_PROB!r} must be in [0, 0.5); got {flip[bad[0]]}")
+    # Same key type on both sides, and the features file's row order in the output: batches are
+    # drawn by row position, so the join must give the same table on every run.
+    features = features.set_column(0, schema.JOIN_KEY, features.column(schema.JOIN_KEY).cast(pa.binary()))
+    features = features.append_column(_ROW, pa.array(np.arange(features.num_rows)))
+    labels = labels.set_column(0, schema.JOIN_KEY, labels.column(schema.JOIN_KEY).cast(pa.binary()))
     joined = features.join(labels, keys=schema.JOIN_KEY, join_type="inner")
+    joined = joined.sort_by(_ROW).drop_columns([_ROW])
     if joined.num_rows == 0:
         raise DataError(f"{labels_path}: no label matches a row of {features_path} (different join secrets?)")
     write_parquet_atomic(joined, out_path)

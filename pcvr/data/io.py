@@ -64,7 +64,9 @@ def read_table(path: Path, *, columns: Mapping[str, Kind], allow_infinite: tuple
     try:
         if path.suffix == ".csv":
             string_columns = [name for name, kind in columns.items() if kind is Kind.STRING]
-            options = pacsv.ConvertOptions(column_types={name: pa.string() for name in string_columns})
+            options = pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in string_columns}, strings_can_be_null=True
+            )
             table = pacsv.read_csv(path, convert_options=options)
         else:
             table = pq.read_table(path)

@@ -74,6 +74,7 @@ def run_federated_training(
     config.run_dir.mkdir(parents=True, exist_ok=True)
     nodes = _wait_for_nodes(grid, config.clean_rooms)
     run_log = RunLog()
+    train_s = 0.0  # wall time of the rounds themselves, evaluation excluded
     for round_ in range(trainer.steps + 1, config.num_rounds + 1):
         started = time.monotonic()
         ins = TrainIns(
@@ -112,6 +113,7 @@ def run_federated_training(
         trainer.step(aggregate(accepted))
         trainer.checkpoint(config.run_dir / "checkpoint.pt")
         examples = sum(r.num_examples for r in accepted)
+        train_s += time.monotonic() - started
         run_log.rounds.append(
             {
                 "round": round_,
@@ -125,6 +127,6 @@ def run_federated_training(
         )
         if round_ % config.eval_every == 0 or round_ == config.num_rounds:
             metrics = trainer.evaluate(holdout.features, holdout.labels)
-            run_log.evaluations.append({"round": round_, **metrics})
+            run_log.evaluations.append({"round": round_, "train_s": train_s, **metrics})
             log.info("round %d: %s", round_, metrics)
     return run_log

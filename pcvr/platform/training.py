@@ -63,8 +63,12 @@ class AdapterTrainer:
 
     def step(self, mean_grad: np.ndarray) -> None:
         """Apply one optimizer step with ``mean_grad`` (wire order) as the adapters' gradient."""
-        if mean_grad.shape != (self.num_adapter_params,) or not np.isfinite(mean_grad).all():
-            raise ValueError("aggregated gradient has the wrong shape or non-finite values")
+        if mean_grad.dtype != np.float32 or mean_grad.shape != (self.num_adapter_params,):
+            raise ValueError(
+                f"aggregated gradient is {mean_grad.dtype} {mean_grad.shape}; expected float32 ({self.num_adapter_params},)"
+            )
+        if not np.isfinite(mean_grad).all():
+            raise ValueError("aggregated gradient holds NaN or infinite values")
         offset = 0
         grad = torch.from_numpy(mean_grad)
         for parameter in adapter_parameters(self.model):

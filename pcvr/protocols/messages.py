@@ -74,8 +74,9 @@ def _vector(arrays: ArrayRecord, key: str) -> np.ndarray:
 
 
 def _check_version(config: ConfigRecord) -> None:
-    if config.get(_VERSION) != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {config.get(_VERSION)!r}; this side speaks {PROTOCOL_VERSION}")
+    version = config.get(_VERSION)
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}; this side speaks {PROTOCOL_VERSION}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ overrides). :meth:`RunConfig.from_run_config` is the only place those keys are r
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class RunConfig:
             raise ValueError(
                 f"run config: batch-size ({self.batch_size}) is below min-batch-size ({self.min_batch_size})"
             )
-        if not self.learning_rate > 0:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"run config: learning-rate must be > 0; got {self.learning_rate}")
 
     @classmethod
@@ -74,8 +75,12 @@ class RunConfig:
                     kwargs[name] = Path(str(value))
                 elif isinstance(default, Correction):
                     kwargs[name] = Correction.parse(str(value))
-                elif isinstance(default, bool) or not isinstance(default, (int, float, str)):
-                    raise TypeError(f"unsupported field {name}")
+                elif isinstance(value, bool):
+                    raise ValueError(f"expected a {type(default).__name__}, got {value!r}")
+                elif isinstance(default, int):
+                    if isinstance(value, float) and not value.is_integer():
+                        raise ValueError(f"expected an integer, got {value!r}")
+                    kwargs[name] = int(value)
                 else:
                     kwargs[name] = type(default)(value)
             except (TypeError, ValueError) as exc:

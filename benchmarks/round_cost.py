@@ -1,0 +1,145 @@
+"""What a Flower round costs: federated simulation vs plain centralized torch, same data, same target.
+
+Both train the same adapters on the same clean-room rows (the ε=3, forward-corrected
+label set), with the same batches (each step: one ``batch_size`` batch from every
+clean room), the same Adam and learning-rate schedule. The centralized baseline is
+one process looping over the joined data; the federated run is the platform's
+ServerApp and one ClientApp per clean room in Flower's simulation engine.
+
+The target AUC is 95% of the way from the frozen backbone's AUC to the best AUC the
+centralized run reaches; each side's time to target counts training only (holdout
+evaluation excluded), and the federated side also reports its engine start-up.
+
+    python benchmarks/round_cost.py [--rows 300000] [--rounds 100] [--work-dir runs/bench]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcvr.clean_room.app import clean_room_dir
+from pcvr.clean_room.dataset import load_training_data
+from pcvr.clean_room.task import batch_indices
+from pcvr.data import schema
+from pcvr.data.synth import WorldConfig
+from pcvr.models.cvr import load_backbone
+from pcvr.platform.app import backbone_dir, holdout_path
+from pcvr.platform.evaluate import holdout_metrics, predict
+from pcvr.platform.features import read_labelled
+from pcvr.platform.training import AdapterTrainer, cosine_learning_rate
+from pcvr.protocols.label_dp import Correction, corrected_loss
+from pcvr.simulate import SimulationSpec, prepare, run_setting
+
+
+def centralized(spec: SimulationSpec, *, label_set: str, eval_every: int) -> list[dict]:
+    """Plain torch on the pooled clean-room rows; returns evaluations with cumulative train seconds."""
+    torch.set_num_threads(2)
+    backbone = load_backbone(backbone_dir(spec.work_dir))
+    features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
+    rooms = [
+        load_training_data(
+            clean_room_dir(spec.work_dir, k) / label_set / "train.parquet",
+            num_categorical=len(schema.CATEGORICAL_FIELDS),
+            num_dense=len(schema.DENSE_FIELDS),
+        )
+        for k in range(spec.world.advertisers)
+    ]
+    trainer = AdapterTrainer(backbone, learning_rate=spec.learning_rate, total_steps=spec.num_rounds, seed=spec.seed)
+    model, optimizer = trainer.model, trainer.optimizer
+    evaluations, train_s = [], 0.0
+    for step in range(1, spec.num_rounds + 1):
+        started = time.perf_counter()
+        batches = [
+            (room, batch_indices(len(room), round_=step, batch_size=spec.batch_size, seed=spec.seed, clean_room_id=k))
+            for k, room in enumerate(rooms)
+        ]
+        model.train()
+        logits = torch.cat([model(room.features.take(index)) for room, index in batches])
+        noisy = torch.cat([room.noisy_labels[index] for room, index in batches])
+        flips = torch.cat([room.flip_probs[index] for room, index in batches])
+        loss = corrected_loss(logits, noisy, flips, correction=spec.correction).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_learning_rate(step - 1, peak=spec.learning_rate, total_steps=spec.num_rounds)
+        optimizer.step()
+        train_s += time.perf_counter() - started
+        if step % eval_every == 0 or step == spec.num_rounds:
+            evaluations.append({"round": step, "train_s": train_s, **holdout_metrics(labels, predict(model, features))})
+    return evaluations
+
+
+def first_reaching(evaluations: list[dict], target: float) -> dict | None:
+    return next((e for e in evaluations if e["auc"] >= target), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    spec = SimulationSpec(
+        work_dir=args.work_dir, world=WorldConfig(rows=args.rows), num_rounds=args.rounds, eval_every=args.eval_every
+    )
+    prepare(spec)
+    label_set = spec.private_label_set
+    backbone = load_backbone(backbone_dir(spec.work_dir))
+    features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
+    backbone_auc = holdout_metrics(labels, predict(backbone, features))["auc"]
+
+    central = centralized(spec, label_set=label_set, eval_every=args.eval_every)
+    started = time.perf_counter()
+    federated = run_setting(spec, name="round_cost", label_set=label_set, correction=spec.correction)
+    simulation_wall_s = time.perf_counter() - started
+
+    best = max(e["auc"] for e in central)
+    target = backbone_auc + 0.95 * (best - backbone_auc)
+    central_hit = first_reaching(central, target)
+    federated_hit = first_reaching(federated["evaluations"], target)
+    startup_s = simulation_wall_s - federated["wall_s"]
+    round_s = [r["wall_s"] for r in federated["history"]]
+    out = {
+        "benchmark": "round_cost",
+        "rows": args.rows,
+        "clean_rooms": spec.world.advertisers,
+        "batch_size": spec.batch_size,
+        "backbone_auc": round(backbone_auc, 5),
+        "target_auc": round(target, 5),
+        "centralized": {
+            "rounds_to_target": central_hit and central_hit["round"],
+            "seconds_to_target": central_hit and round(central_hit["train_s"], 3),
+            "seconds_per_step": round(central[-1]["train_s"] / args.rounds, 4),
+            "final_auc": round(central[-1]["auc"], 5),
+        },
+        "federated": {
+            "rounds_to_target": federated_hit and federated_hit["round"],
+            "seconds_to_target": federated_hit and round(federated_hit["train_s"], 3),
+            "seconds_per_round_median": round(float(np.median(round_s)), 4),
+            "engine_startup_s": round(startup_s, 2),
+            "final_auc": round(federated["final"]["auc"], 5),
+        },
+    }
+    if central_hit and federated_hit:
+        out["ratio_seconds_to_target"] = round(federated_hit["train_s"] / central_hit["train_s"], 2)
+        out["ratio_seconds_to_target_with_startup"] = round(
+            (federated_hit["train_s"] + startup_s) / central_hit["train_s"], 2
+        )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

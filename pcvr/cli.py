@@ -1,0 +1,135 @@
+"""The ``pcvr`` command.
+
+    pcvr data synth --rows N --advertisers K --out DIR
+    pcvr prepare [options]          world, backbone, hand-offs and joins, no training
+    pcvr simulate [--json] [options]  all of the above, then every setting in Flower's simulation engine
+
+Bad input ends with one line, ``pcvr: error: …``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pcvr.advertiser.policy import ConsentPolicy
+from pcvr.data.synth import WorldConfig, synthesize
+from pcvr.protocols.label_dp import Correction
+
+__all__ = ["main"]
+
+
+def _add_world_arguments(parser: argparse.ArgumentParser, *, rows: int) -> None:
+    parser.add_argument("--rows", type=int, default=rows, help="clean-room clicks in all (default: %(default)s)")
+    parser.add_argument("--advertisers", type=int, default=3, help="clean-room advertisers (default: %(default)s)")
+    parser.add_argument("--pretrain-rows", type=int, default=None, help="platform's own clicks (default: --rows)")
+    parser.add_argument("--holdout-rows", type=int, default=None, help="held-out clicks (default: rows/4)")
+    parser.add_argument("--base-rate", type=float, default=0.025, help="conversion rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and the runs (default: %(default)s)")
+
+
+def _world_config(args: argparse.Namespace) -> WorldConfig:
+    return WorldConfig(
+        seed=args.seed,
+        rows=args.rows,
+        advertisers=args.advertisers,
+        pretrain_rows=args.pretrain_rows,
+        holdout_rows=args.holdout_rows,
+        base_rate=args.base_rate,
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_world_arguments(parser, rows=600_000)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/demo"), help="(default: %(default)s)")
+    parser.add_argument("--epsilon", type=float, default=3.0, help="label-DP ε of standard consent (default: %(default)s)")
+    parser.add_argument(
+        "--correction", default="forward", choices=[c.value for c in Correction], help="(default: %(default)s)"
+    )
+    parser.add_argument("--policy", type=Path, default=None, help="consent policy TOML (default: the bundled one)")
+    parser.add_argument("--rounds", type=int, default=100, help="federated rounds per setting (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8192, help="rows per clean-room gradient (default: %(default)s)")
+    parser.add_argument("--min-batch-size", type=int, default=1024, help="(default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=0.02, help="platform Adam peak step (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=25, help="(default: %(default)s)")
+
+
+def _spec(args: argparse.Namespace):
+    from pcvr.simulate import SimulationSpec
+
+    return SimulationSpec(
+        work_dir=args.work_dir,
+        world=_world_config(args),
+        policy=ConsentPolicy.from_file(args.policy) if args.policy else ConsentPolicy.default(),
+        epsilon=args.epsilon,
+        correction=Correction.parse(args.correction),
+        num_rounds=args.rounds,
+        batch_size=args.batch_size,
+        min_batch_size=args.min_batch_size,
+        learning_rate=args.learning_rate,
+        eval_every=args.eval_every,
+        seed=args.seed,
+    )
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    summary = synthesize(args.out, _world_config(args))
+    print(json.dumps({"out": str(args.out), "holdout": summary["holdout"], "clean_rooms": summary["clean_rooms"]}))
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from pcvr.simulate import prepare
+
+    spec = _spec(args)
+    prepare(spec)
+    print(f"prepared {spec.work_dir}: label sets {', '.join(spec.label_sets())}")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from pcvr.simulate import format_table, simulate
+
+    summary = simulate(_spec(args))
+    if args.json:
+        print(json.dumps({k: summary[k] for k in ("results", "rounds", "wall_s", "bytes_up", "bytes_down", "parameters")}))
+    else:
+        print(format_table(summary))
+        print(f"\nfull summary: {args.work_dir / 'summary.json'}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcvr", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="generate the synthetic world to Parquet")
+    _add_world_arguments(synth, rows=600_000)
+    synth.add_argument("--out", type=Path, required=True, help="new directory to write")
+    synth.set_defaults(func=_cmd_synth)
+
+    prepare = commands.add_parser("prepare", help="world, backbone, hand-offs and joins; no training")
+    _add_run_arguments(prepare)
+    prepare.set_defaults(func=_cmd_prepare)
+
+    simulate = commands.add_parser("simulate", help="multi-party training in Flower's simulation engine")
+    _add_run_arguments(simulate)
+    simulate.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    simulate.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"pcvr: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Tests of pcvr.clean_room.task: batch sampling and the batch-summed adapter gradient."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pcvr.clean_room.dataset import CleanRoomData
+from pcvr.clean_room.task import batch_gradient, batch_indices
+from pcvr.models.cvr import (
+    CVRNet,
+    ModelConfig,
+    adapter_parameters,
+    attach_adapters,
+    get_adapter_vector,
+    parameter_counts,
+    set_adapter_vector,
+)
+from pcvr.models.features import EncodedFeatures
+from pcvr.protocols.label_dp import Correction, corrected_loss
+
+TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
+
+
+def adapted_model(*, seed: int = 0) -> torch.nn.Module:
+    """Adapted tiny model with nonzero adapters, so every adapter parameter gets a gradient."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = attach_adapters(CVRNet(TINY), seed=seed)
+    size = parameter_counts(model)["adapters"]
+    vector = get_adapter_vector(model) + 0.2 * torch.randn(size, generator=torch.Generator().manual_seed(seed + 1))
+    set_adapter_vector(model, vector)
+    return model
+
+
+def clean_room_data(n: int, *, seed: int) -> CleanRoomData:
+    generator = torch.Generator().manual_seed(seed)
+    categorical = torch.stack([torch.randint(0, b, (n,), generator=generator) for b in TINY.buckets], dim=1)
+    dense = torch.randn(n, TINY.num_dense, generator=generator)
+    noisy_labels = (torch.rand(n, generator=generator) < 0.3).float()
+    # mixed consent levels: no noise, eps=3, eps=1 in one batch
+    flip_probs = torch.tensor([0.0, 1 / (1 + np.exp(3.0)), 1 / (1 + np.exp(1.0))], dtype=torch.float32)[
+        torch.randint(0, 3, (n,), generator=generator)
+    ]
+    return CleanRoomData(EncodedFeatures(categorical, dense), noisy_labels, flip_probs)
+
+
+def slow_reference(model: torch.nn.Module, data: CleanRoomData, index: torch.Tensor, correction: Correction):
+    """Sum of per-example gradients, one example at a time, in float64."""
+    reference = copy.deepcopy(model).double()
+    params = adapter_parameters(reference)
+    total = [torch.zeros_like(p) for p in params]
+    losses = []
+    for row in index.tolist():
+        one = torch.tensor([row])
+        features = EncodedFeatures(data.features.categorical[one], data.features.dense[one].double())
+        loss = corrected_loss(
+            reference(features), data.noisy_labels[one].double(), data.flip_probs[one].double(), correction=correction
+        ).sum()
+        grads = torch.autograd.grad(loss, params)
+        total = [t + g for t, g in zip(total, grads)]
+        losses.append(float(loss.detach()))
+    return torch.cat([t.reshape(-1) for t in total]).numpy(), float(np.mean(losses))
+
+
+@pytest.mark.parametrize("correction", list(Correction), ids=lambda c: c.value)
+def test_batch_gradient_is_sum_of_per_example_gradients(correction: Correction) -> None:
+    model = adapted_model(seed=1)
+    data = clean_room_data(200, seed=2)
+    index = torch.tensor([5, 17, 3, 199, 42, 0, 77, 120, 8, 64, 150, 33])
+    result = batch_gradient(model, data, index, correction=correction, min_batch_size=4)
+    expected, expected_loss = slow_reference(model, data, index, correction)
+
+    assert result.num_examples == len(index)
+    assert result.adapter_grad.dtype == np.float32
+    assert result.adapter_grad.shape == (parameter_counts(model)["adapters"],)
+    assert np.abs(expected).max() > 0
+    assert (expected != 0).mean() > 0.5  # the comparison covers most of the vector
+    error = np.abs(result.adapter_grad.astype(np.float64) - expected).max()
+    assert error <= 1e-5 * np.abs(expected).max()
+    assert result.loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_batch_gradient_is_a_sum_not_a_mean() -> None:
+    model = adapted_model(seed=3)
+    data = clean_room_data(40, seed=4)
+    index = torch.arange(8)
+    doubled = torch.cat([index, index])
+    once = batch_gradient(model, data, index, correction=Correction.FORWARD, min_batch_size=1)
+    twice = batch_gradient(model, data, doubled, correction=Correction.FORWARD, min_batch_size=1)
+    np.testing.assert_allclose(twice.adapter_grad, 2 * once.adapter_grad, rtol=1e-5, atol=1e-7)
+    assert twice.num_examples == 16
+
+
+def test_batch_gradient_ignores_stale_grads_and_leaves_model_alone() -> None:
+    model = adapted_model(seed=5)
+    data = clean_room_data(60, seed=6)
+    index = torch.arange(10, 30)
+    weights = get_adapter_vector(model).clone()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    first = batch_gradient(model, data, index, correction=Correction.BACKWARD, min_batch_size=20)
+    second = batch_gradient(model, data, index, correction=Correction.BACKWARD, min_batch_size=20)
+    assert np.array_equal(first.adapter_grad, second.adapter_grad)
+    assert torch.equal(get_adapter_vector(model), weights)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert parameter.grad is None, name
+            assert torch.equal(parameter, frozen[name]), name
+
+
+def test_batch_below_min_batch_size_is_never_computed() -> None:
+    model = adapted_model(seed=7)
+    data = clean_room_data(50, seed=8)
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    sentinel = [torch.full_like(p, 3.0) for p in adapter_parameters(model)]
+    for parameter, grad in zip(adapter_parameters(model), sentinel):
+        parameter.grad = grad.clone()
+    with pytest.raises(ValueError, match="min_batch_size=10"):
+        batch_gradient(model, data, torch.arange(9), correction=Correction.FORWARD, min_batch_size=10)
+    assert calls == []
+    for parameter, grad in zip(adapter_parameters(model), sentinel):
+        assert torch.equal(parameter.grad, grad)
+    # exactly min_batch_size rows is allowed
+    result = batch_gradient(model, data, torch.arange(10), correction=Correction.FORWARD, min_batch_size=10)
+    assert result.num_examples == 10 and calls == [1]
+
+
+# --- batch_indices ---------------------------------------------------------------------------
+
+
+def test_batch_indices_deterministic_per_seed_clean_room_and_round() -> None:
+    kwargs = dict(batch_size=16, seed=3, clean_room_id=2)
+    first = batch_indices(100, round_=4, **kwargs)
+    assert torch.equal(first, batch_indices(100, round_=4, **kwargs))
+    assert first.dtype == torch.int64
+    assert not torch.equal(first, batch_indices(100, round_=5, **kwargs))
+    assert not torch.equal(first, batch_indices(100, round_=4, batch_size=16, seed=4, clean_room_id=2))
+    assert not torch.equal(first, batch_indices(100, round_=4, batch_size=16, seed=3, clean_room_id=3))
+
+
+def test_batch_indices_full_distinct_batches_within_an_epoch() -> None:
+    num_rows, batch_size = 103, 10  # 10 full batches per epoch, 3 rows left over
+    epoch = [batch_indices(num_rows, round_=r, batch_size=batch_size, seed=0, clean_room_id=1) for r in range(1, 11)]
+    for batch in epoch:
+        assert batch.shape == (batch_size,)
+        assert batch.min() >= 0 and batch.max() < num_rows
+    rows = torch.cat(epoch)
+    assert len(set(rows.tolist())) == 100
+    # the next epoch is a fresh permutation, again full batches of distinct rows
+    nxt = torch.cat(
+        [batch_indices(num_rows, round_=r, batch_size=batch_size, seed=0, clean_room_id=1) for r in range(11, 21)]
+    )
+    assert len(set(nxt.tolist())) == 100
+    assert not torch.equal(nxt, rows)
+
+
+def test_batch_indices_order_differs_between_clean_rooms() -> None:
+    orders = [
+        torch.cat([batch_indices(64, round_=r, batch_size=8, seed=0, clean_room_id=c) for r in range(1, 9)])
+        for c in range(3)
+    ]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(64))
+    assert not torch.equal(orders[0], orders[1])
+    assert not torch.equal(orders[1], orders[2])
+    # not merely a shift of each other
+    assert (orders[0] == orders[1]).float().mean() < 0.5
+
+
+def test_batch_indices_leaves_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    batch_indices(50, round_=1, batch_size=5, seed=0, clean_room_id=0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_batch_indices_with_no_rows_raises() -> None:
+    with pytest.raises(ValueError, match="no training rows"):
+        batch_indices(0, round_=1, batch_size=4, seed=0, clean_room_id=0)

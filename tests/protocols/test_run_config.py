@@ -1,0 +1,113 @@
+"""Run-wide settings parsed from Flower's run config (pcvr.protocols.run_config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.run_config import RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_round_trip_defaults():
+    config = RunConfig()
+    assert RunConfig.from_run_config(config.to_run_config()) == config
+
+
+def test_round_trip_every_field_changed():
+    config = RunConfig(
+        data_dir=Path("/data/world"),
+        label_set="eps=1",
+        run_dir=Path("out/run-7"),
+        num_rounds=3,
+        clean_rooms=2,
+        batch_size=512,
+        min_batch_size=256,
+        correction=Correction.BACKWARD,
+        learning_rate=0.5,
+        eval_every=1,
+        seed=42,
+    )
+    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig))
+    flat = config.to_run_config()
+    assert set(flat) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    assert all(isinstance(v, (str, int, float)) for v in flat.values())
+    assert flat["correction"] == "backward" and flat["data-dir"] == "/data/world"
+    assert RunConfig.from_run_config(flat) == config
+
+
+def test_partial_config_keeps_defaults():
+    config = RunConfig.from_run_config({"num-rounds": 4, "correction": "none"})
+    assert config == dataclasses.replace(RunConfig(), num_rounds=4, correction=Correction.NONE)
+
+
+def test_string_values_are_converted():
+    config = RunConfig.from_run_config({"num-rounds": "7", "learning-rate": "0.1", "data-dir": "d"})
+    assert config.num_rounds == 7 and config.learning_rate == 0.1 and config.data_dir == Path("d")
+
+
+def test_pyproject_app_config_matches_dataclass_defaults():
+    document = tomllib.loads(PYPROJECT.read_text())
+    app_config = document["tool"]["flwr"]["app"]["config"]
+    parsed = RunConfig.from_run_config(app_config)
+    assert parsed == RunConfig()
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError) as excinfo:
+        RunConfig.from_run_config({"num-round": 3})
+    message = str(excinfo.value)
+    assert "'num-round'" in message
+    assert "num-rounds" in message  # the known keys are listed
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num-rounds", 0),
+        ("num-rounds", "many"),
+        ("num-rounds", 2.5),
+        ("num-rounds", True),
+        ("clean-rooms", -1),
+        ("batch-size", 0),
+        ("min-batch-size", 0),
+        ("batch-size", 512),  # below the default min-batch-size 1024
+        ("eval-every", 0),
+        ("learning-rate", 0.0),
+        ("learning-rate", -0.1),
+        ("learning-rate", math.nan),
+        ("learning-rate", math.inf),
+        ("learning-rate", "fast"),
+        ("correction", "Forward"),
+        ("correction", "debias"),
+        ("seed", "x"),
+    ],
+)
+def test_bad_values_raise_naming_the_key(key, value):
+    with pytest.raises(ValueError) as excinfo:
+        RunConfig.from_run_config({key: value})
+    assert key in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(ValueError, match="min-batch-size"):
+        RunConfig(batch_size=100, min_batch_size=200)
+
+
+def test_from_run_config_does_not_mutate_input():
+    values = {"num-rounds": "5", "correction": "backward"}
+    snapshot = dict(values)
+    RunConfig.from_run_config(values)
+    assert values == snapshot
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().num_rounds = 3  # type: ignore[misc]
