@@ -36,16 +36,16 @@ class RunConfig:
         seed: seeds the adapters' initialisation and the clean rooms' batch sampling.
     """
 
-    data_dir: Path = Path("runs/demo/data")
+    data_dir: Path = Path("runs/demo")
     label_set: str = "eps=3"
     run_dir: Path = Path("runs/demo/flwr-run")
-    num_rounds: int = 150
+    num_rounds: int = 100
     clean_rooms: int = 3
     batch_size: int = 8192
     min_batch_size: int = 1024
     correction: Correction = Correction.FORWARD
     learning_rate: float = 0.02
-    eval_every: int = 50
+    eval_every: int = 25
     seed: int = 0
 
     def __post_init__(self) -> None:
