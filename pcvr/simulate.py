@@ -58,11 +58,11 @@ class SimulationSpec:
     policy: ConsentPolicy = field(default_factory=ConsentPolicy.default)
     epsilon: float = 3.0
     correction: Correction = Correction.FORWARD
-    num_rounds: int = 150
+    num_rounds: int = 100
     batch_size: int = 8192
     min_batch_size: int = 1024
     learning_rate: float = 0.02
-    eval_every: int = 50
+    eval_every: int = 25
     seed: int = 0
     pretrain_epochs: int = 2
 
