@@ -37,6 +37,7 @@ from pcvr.platform.app import backbone_dir, holdout_path
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer, cosine_learning_rate
+from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction, corrected_loss
 from pcvr.simulate import SimulationSpec, prepare, run_setting
 
@@ -103,7 +104,10 @@ def main() -> None:
 
     central = centralized(spec, label_set=label_set, eval_every=args.eval_every)
     started = time.perf_counter()
-    federated = run_setting(spec, name="round_cost", label_set=label_set, correction=spec.correction)
+    none = Codec.parse("none")  # dense both ways: the federated update is then exactly the centralized one
+    federated = run_setting(
+        spec, name="round_cost", label_set=label_set, correction=spec.correction, codec=none, downstream_codec=none
+    )
     simulation_wall_s = time.perf_counter() - started
 
     best = max(e["auc"] for e in central)

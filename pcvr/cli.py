@@ -3,6 +3,7 @@
     pcvr data synth --rows N --advertisers K --out DIR
     pcvr prepare [options]          world, backbone, hand-offs and joins, no training
     pcvr simulate [--json] [options]  all of the above, then every setting in Flower's simulation engine
+    pcvr audit [--json] [options]     label-leakage attacks on what the platform received, scored on canaries
 
 Bad input ends with one line, ``pcvr: error: …``, and exit status 2.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pcvr.advertiser.policy import ConsentPolicy
 from pcvr.data.synth import WorldConfig, synthesize
+from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 
 __all__ = ["main"]
@@ -55,6 +57,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-batch-size", type=int, default=1024, help="(default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=0.02, help="platform Adam peak step (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=25, help="(default: %(default)s)")
+    parser.add_argument(
+        "--codec", default="topk:0.05+q4", help="gradient compression: none, q8, q4, topk:F[+q8|+q4] (default: %(default)s)"
+    )
+    parser.add_argument("--downstream-codec", default="q8", help="compression of weight deltas (default: %(default)s)")
+    parser.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="DP-SGD σ in the clean rooms (0: off)")
+    parser.add_argument("--dp-target-epsilon", type=float, default=0.0, help="or the DP-SGD ε to reach (0: off)")
+    parser.add_argument("--dp-clip-norm", type=float, default=1.0, help="DP-SGD per-example clip (default: %(default)s)")
 
 
 def _spec(args: argparse.Namespace):
@@ -72,6 +81,11 @@ def _spec(args: argparse.Namespace):
         learning_rate=args.learning_rate,
         eval_every=args.eval_every,
         seed=args.seed,
+        codec=Codec.parse(args.codec),
+        downstream_codec=Codec.parse(args.downstream_codec),
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_target_epsilon=args.dp_target_epsilon,
+        dp_clip_norm=args.dp_clip_norm,
     )
 
 
@@ -93,10 +107,36 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
     summary = simulate(_spec(args))
     if args.json:
-        print(json.dumps({k: summary[k] for k in ("results", "rounds", "wall_s", "bytes_up", "bytes_down", "parameters")}))
+        keys = ("results", "rounds", "wall_s", "bytes_up", "bytes_down", "codec", "downstream_codec", "parameters")
+        print(json.dumps({k: summary[k] for k in keys}))
     else:
         print(format_table(summary))
         print(f"\nfull summary: {args.work_dir / 'summary.json'}")
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import math
+
+    from pcvr.audit.harness import AuditSetting, control_setting, format_audit, run_audit
+
+    spec = _spec(args)
+    batch = args.audit_batch_size or spec.min_batch_size
+    setting = AuditSetting(
+        name=f"eps={spec.epsilon:g},b={batch},{spec.codec}" + (f",dp={spec.dp_noise_multiplier:g}" if spec.dp_noise_multiplier else ""),
+        epsilon=spec.epsilon,
+        batch_size=batch,
+        canaries_per_room=args.canaries,
+        rows_per_room=batch * max(1, math.ceil(args.canaries / args.canaries_per_batch)),
+        correction=spec.correction,
+        codec=spec.codec,
+        dp_noise_multiplier=spec.dp_noise_multiplier,
+    )
+    report = run_audit(
+        spec, settings=[setting], control=control_setting(canaries_per_room=args.control_canaries), seed=args.seed
+    )
+    (spec.work_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report) if args.json else format_audit(report))
+    return 0 if report["passed"] else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_arguments(simulate)
     simulate.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     simulate.set_defaults(func=_cmd_simulate)
+
+    audit = commands.add_parser("audit", help="attack what the platform received; score on canaries")
+    _add_run_arguments(audit)
+    audit.add_argument("--canaries", type=int, default=100, help="canaries per clean room (default: %(default)s)")
+    audit.add_argument("--canaries-per-batch", type=int, default=10, help="(default: %(default)s)")
+    audit.add_argument(
+        "--audit-batch-size", type=int, default=None, help="batch size audited (default: --min-batch-size, the worst case)"
+    )
+    audit.add_argument(
+        "--control-canaries", type=int, default=64, help="canaries per clean room in the control (default: %(default)s)"
+    )
+    audit.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    audit.set_defaults(func=_cmd_audit)
     return parser
 
 
@@ -124,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"pcvr: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

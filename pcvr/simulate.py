@@ -14,6 +14,7 @@ settings can be re-run without regenerating data or pretraining again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import export_for_clean_room, read_labelled
 from pcvr.platform.pretrain import pretrain_backbone
+from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.run_config import RunConfig
@@ -65,6 +67,11 @@ class SimulationSpec:
     eval_every: int = 25
     seed: int = 0
     pretrain_epochs: int = 2
+    codec: Codec = RunConfig.codec
+    downstream_codec: Codec = RunConfig.downstream_codec
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0 or math.isinf(self.epsilon):
@@ -78,8 +85,9 @@ class SimulationSpec:
         no_noise = ConsentPolicy(tuple((lvl, None if eps is None else math.inf) for lvl, eps in self.policy.epsilons))
         return {NON_PRIVATE: no_noise, self.private_label_set: self.policy.capped(epsilon=self.epsilon)}
 
-    def run_config(self, *, label_set: str, correction: Correction, name: str) -> RunConfig:
-        return RunConfig(
+    def run_config(self, *, label_set: str, correction: Correction, name: str, **overrides: object) -> RunConfig:
+        """The run config of one setting; ``overrides`` replace any of its fields."""
+        config = RunConfig(
             data_dir=self.work_dir,
             label_set=label_set,
             run_dir=self.work_dir / "runs" / name,
@@ -91,7 +99,13 @@ class SimulationSpec:
             learning_rate=self.learning_rate,
             eval_every=self.eval_every,
             seed=self.seed,
+            codec=self.codec,
+            downstream_codec=self.downstream_codec,
+            dp_noise_multiplier=self.dp_noise_multiplier,
+            dp_target_epsilon=self.dp_target_epsilon,
+            dp_clip_norm=self.dp_clip_norm,
         )
+        return dataclasses.replace(config, **overrides)
 
 
 def _load_existing_world(world_dir: Path, config: WorldConfig) -> dict:
@@ -162,11 +176,16 @@ def _quiet_flower() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
 
 
-def run_setting(spec: SimulationSpec, *, name: str, label_set: str, correction: Correction) -> dict:
-    """One federated training run in Flower's simulation engine; returns the platform's result."""
+def run_setting(
+    spec: SimulationSpec, *, name: str, label_set: str, correction: Correction, **overrides: object
+) -> dict:
+    """One federated training run in Flower's simulation engine; returns the platform's result.
+
+    ``overrides`` replace fields of the setting's :class:`RunConfig` (e.g. ``codec=``).
+    """
     from flwr.simulation import run_simulation
 
-    config = spec.run_config(label_set=label_set, correction=correction, name=name)
+    config = spec.run_config(label_set=label_set, correction=correction, name=name, **overrides)
     shutil.rmtree(config.run_dir, ignore_errors=True)
     overrides = config.to_run_config()
     _quiet_flower()
@@ -201,7 +220,12 @@ def simulate(spec: SimulationSpec) -> dict:
     bytes_up = bytes_down = 0
     for name, (label_set, correction) in runs.items():
         result = run_setting(spec, name=name, label_set=label_set, correction=correction)
-        results[name] = {key: result["final"][key] for key in ("auc", "ne", "calibration")}
+        results[name] = {
+            **{key: result["final"][key] for key in ("auc", "ne", "calibration")},
+            "bytes_up_per_round": result["bytes_up_per_round"],
+            "bytes_down_per_round": result["bytes_down_per_round"],
+            "rejected": result["rejected"],
+        }
         bytes_up += result["bytes_up"]
         bytes_down += result["bytes_down"]
     summary = {
@@ -214,6 +238,8 @@ def simulate(spec: SimulationSpec) -> dict:
         "parameters": parameter_counts(attach_adapters(backbone)),
         "epsilon": spec.epsilon,
         "correction": spec.correction.value,
+        "codec": str(spec.codec),
+        "downstream_codec": str(spec.downstream_codec),
         "ledger": prepared["ledgers"][eps],
     }
     (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -224,14 +250,25 @@ def format_table(summary: dict) -> str:
     """A fixed-width table of the settings, with AUC relative to ``non_private``."""
     results = summary["results"]
     reference = results.get(NON_PRIVATE, {}).get("auc")
-    lines = [f"{'setting':<22} {'AUC':>7} {'ΔAUC vs non_private':>20} {'NE':>7} {'calibration':>12}"]
+    lines = [
+        f"{'setting':<22} {'AUC':>7} {'ΔAUC vs non_private':>20} {'NE':>7} {'calibration':>12}"
+        f" {'bytes up/round':>15} {'bytes down/round':>17}"
+    ]
     for name, metrics in results.items():
         delta = "" if reference is None else f"{100 * (metrics['auc'] / reference - 1):+.2f}%"
-        lines.append(f"{name:<22} {metrics['auc']:>7.4f} {delta:>20} {metrics['ne']:>7.4f} {metrics['calibration']:>12.3f}")
+        wire = (
+            f" {metrics['bytes_up_per_round']:>15,.0f} {metrics['bytes_down_per_round']:>17,.0f}"
+            if "bytes_up_per_round" in metrics
+            else ""
+        )
+        lines.append(
+            f"{name:<22} {metrics['auc']:>7.4f} {delta:>20} {metrics['ne']:>7.4f} {metrics['calibration']:>12.3f}{wire}"
+        )
     params = summary["parameters"]
     lines.append(
         f"\n{summary['clean_rooms']} clean rooms, {summary['rounds']} rounds per setting, "
-        f"{summary['bytes_up'] / 1e6:.1f} MB up / {summary['bytes_down'] / 1e6:.1f} MB down in all, "
+        f"codec {summary['codec']} up / {summary['downstream_codec']} down (bytes as Flower serializes them), "
+        f"{summary['bytes_up'] / 1e6:.2f} MB up / {summary['bytes_down'] / 1e6:.2f} MB down in all, "
         f"{summary['wall_s']:.0f} s; adapters {params['adapters']:,} params = "
         f"{100 * params['adapters'] / params['backbone']:.2f}% of the backbone's {params['backbone']:,}"
     )

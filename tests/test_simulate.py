@@ -90,3 +90,51 @@ def test_cli_rejects_a_work_dir_holding_another_world(small_run, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pcvr: error:") and "world generated with other settings" in err and "\n" not in err
+
+
+def test_compressed_gradients_cross_the_wire_at_a_fraction_of_the_dense_size(small_run):
+    """Default codec (top-k + 4-bit, error feedback) up; 8-bit deltas down after a dense first round."""
+    spec, summary = small_run
+    params = summary["parameters"]["adapters"]
+    dense_reply = 4 * params  # the float32 gradient alone, before any framing
+    result = json.loads((spec.work_dir / "runs" / "eps=3,forward" / "result.json").read_text())
+    ups = [r["bytes_up"] / r["clean_rooms"] for r in result["history"]]
+    downs = [r["bytes_down"] / spec.world.advertisers for r in result["history"]]
+    assert max(ups) < dense_reply / 8
+    assert downs[0] > dense_reply and max(downs[1:]) < dense_reply / 3
+    assert summary["results"]["eps=3,forward"]["bytes_up_per_round"] == pytest.approx(sum(ups) * 3 / len(ups))
+
+
+def test_each_run_writes_its_privacy_ledger(small_run):
+    spec, _ = small_run
+    ledger = json.loads((spec.work_dir / "runs" / "eps=3,forward" / "privacy_ledger.json").read_text())
+    assert ledger["platform"]["min_batch_size"] == spec.min_batch_size
+    assert ledger["platform"]["codec"] == str(spec.codec)
+    rooms = ledger["clean_rooms"]
+    assert sorted(entry["clean_room_id"] for entry in rooms.values()) == [0, 1, 2]
+    for entry in rooms.values():
+        assert entry["label_dp"]["levels"]["standard"]["epsilon"] == 3.0
+        assert entry["label_dp"]["levels"]["opt_out"]["excluded"] is True
+        assert entry["dp_sgd"] == {"enabled": False}
+        assert entry["rounds_served"] == spec.num_rounds and entry["min_batch_size"] == spec.min_batch_size
+        assert "source" not in entry["label_dp"]  # no advertiser-side paths leave
+
+
+def test_dp_sgd_is_accounted_per_clean_room_across_runs(small_run):
+    """Opacus DP-SGD in the clean rooms; the accountant's file outlives the run, so ε composes."""
+    from pcvr.protocols.label_dp import Correction
+    from pcvr.simulate import run_setting
+
+    spec, _ = small_run
+    ledgers = []
+    for name in ("dp-a", "dp-b"):
+        result = run_setting(
+            spec, name=name, label_set="eps=3", correction=Correction.FORWARD, num_rounds=4, eval_every=4,
+            dp_noise_multiplier=1.0, dp_clip_norm=0.5,
+        )
+        assert result["rejected"] == 0 and all(r["loss"] is None for r in result["history"])  # no exact loss leaves
+        ledgers.append(json.loads((spec.work_dir / "runs" / name / "privacy_ledger.json").read_text()))
+    for first, second in zip(*(sorted(l["clean_rooms"].values(), key=lambda e: e["clean_room_id"]) for l in ledgers)):
+        assert first["dp_sgd"]["enabled"] and first["dp_sgd"]["steps"] == 4 and first["dp_sgd"]["noise_multiplier"] == 1.0
+        assert 0 < first["dp_sgd"]["epsilon"] == pytest.approx(second["dp_sgd"]["epsilon"])  # same σ, q, steps
+        assert second["dp_sgd"]["total_epsilon"] > second["dp_sgd"]["epsilon"]  # both runs used the same rows

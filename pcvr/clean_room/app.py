@@ -1,32 +1,47 @@
 """The clean room's Flower ClientApp: unpack the instruction, compute, pack the reply.
 
-All the work is in :mod:`pcvr.clean_room.task`; this adapter only reads the run
-config and the node's facts, loads the clean room's data and the frozen
-backbone, and validates the instruction before anything is computed (a
-malformed instruction raises, and Flower answers the platform with an error).
+The work is in plain functions (:mod:`pcvr.clean_room.task`, :mod:`.dp_sgd`,
+:mod:`.session`, :mod:`pcvr.protocols.codecs`); this adapter reads the run
+config and the node's facts, validates the instruction before anything is
+computed (a malformed, stale or replayed instruction raises, and Flower answers
+the platform with an error), and keeps the clean room's state between rounds in
+``context.state``.
+
+Per round: apply the weight delta to the held weights → sample a batch → the
+de-biased, batch-summed adapter gradient (optionally DP-SGD: per-example clip +
+Gaussian noise, accounted in a ledger that survives restarts) → add the
+error-feedback residual and compress → reply.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pcvr.clean_room.dataset import load_training_data
+from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch, private_batch_gradient
+from pcvr.clean_room.session import RoomState, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
 from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts, set_adapter_vector
-from pcvr.protocols.messages import TrainIns, TrainReply
+from pcvr.protocols.codecs import compress_with_feedback
+from pcvr.protocols.messages import Binding, LedgerIns, LedgerReply, TrainIns, TrainReply
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["app", "make_client_app", "clean_room_dir"]
+__all__ = ["app", "make_client_app", "clean_room_dir", "dp_sgd_config", "batches_dir"]
 
 CLEAN_ROOM_ID = "clean-room-id"
 CLEAN_ROOM_DIR = "clean-room-dir"
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
+_DP_KEYS = ("dp-noise-multiplier", "dp-target-epsilon", "dp-clip-norm", "dp-delta")
 
 
 def clean_room_dir(data_dir: Path, clean_room_id: int) -> Path:
@@ -34,13 +49,47 @@ def clean_room_dir(data_dir: Path, clean_room_id: int) -> Path:
     return Path(data_dir) / f"clean_room_{clean_room_id}"
 
 
-def _node_facts(node_config: Mapping[str, object], config: RunConfig) -> tuple[int, Path]:
+def batches_dir(directory: Path, *, label_set: str, run_id: int) -> Path:
+    """Where a clean room that records payloads keeps the rows of each batch (never sent)."""
+    return Path(directory) / label_set / "batches" / f"run-{run_id}"
+
+
+@dataclass(frozen=True)
+class _Node:
+    clean_room_id: int
+    directory: Path
+    dp: DPSGDConfig | None
+
+
+def dp_sgd_config(config: RunConfig, node_config: Mapping[str, object]) -> DPSGDConfig | None:
+    """The clean room's DP-SGD settings: the run's, overridden by its own node config; None when off."""
+    values = {key: node_config[key] for key in _DP_KEYS if key in node_config}
+    merged = RunConfig.from_run_config({**config.to_run_config(), **values})
+    if merged.dp_noise_multiplier == 0 and merged.dp_target_epsilon == 0:
+        return None
+    return DPSGDConfig(
+        noise_multiplier=merged.dp_noise_multiplier or None,
+        target_epsilon=merged.dp_target_epsilon or None,
+        clip_norm=merged.dp_clip_norm,
+        delta=merged.dp_delta,
+    )
+
+
+def _node_facts(node_config: Mapping[str, object], config: RunConfig) -> _Node:
     raw_id = node_config.get(CLEAN_ROOM_ID, node_config.get(PARTITION_ID))
     if raw_id is None:
         raise ValueError(f"node config needs {CLEAN_ROOM_ID!r} (or Flower's {PARTITION_ID!r} in simulation)")
     clean_room_id = int(raw_id)
     directory = node_config.get(CLEAN_ROOM_DIR)
-    return clean_room_id, Path(str(directory)) if directory else clean_room_dir(config.data_dir, clean_room_id)
+    return _Node(
+        clean_room_id=clean_room_id,
+        directory=Path(str(directory)) if directory else clean_room_dir(config.data_dir, clean_room_id),
+        dp=dp_sgd_config(config, node_config),
+    )
+
+
+def _accountant(node: _Node, config: RunConfig, run_id: int) -> PrivacyAccountant:
+    return PrivacyAccountant(node.directory / config.label_set / "dp_accountant.json", run_key=str(run_id))
 
 
 def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
@@ -51,24 +100,98 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         config = RunConfig.from_run_config({**defaults, **context.run_config})
-        clean_room_id, directory = _node_facts(context.node_config, config)
+        node = _node_facts(context.node_config, config)
         torch.set_num_threads(1)  # several clean rooms share the machine in simulation
-        model = attach_adapters(load_backbone(directory / "backbone"), seed=config.seed)
-        ins = TrainIns.from_record(msg.content, num_adapter_params=parameter_counts(model)["adapters"])
-        set_adapter_vector(model, torch.from_numpy(ins.adapter_weights))
+        model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
+        length = parameter_counts(model)["adapters"]
+        room = load_state(context.state, length=length)
+        ins = TrainIns.from_record(
+            msg.content,
+            run_id=context.run_id,
+            node_id=context.node_id,
+            last_round=room.last_round,
+            num_adapter_params=length,
+            max_bytes=config.max_message_bytes,
+        )
+        weights = weights_for(room, ins, length=length)
+        set_adapter_vector(model, torch.from_numpy(weights))
         data = load_training_data(
-            directory / config.label_set / "train.parquet",
+            node.directory / config.label_set / "train.parquet",
             num_categorical=len(schema.CATEGORICAL_FIELDS),
             num_dense=len(schema.DENSE_FIELDS),
         )
-        index = batch_indices(
-            len(data), round_=ins.round, batch_size=ins.batch_size, seed=config.seed, clean_room_id=clean_room_id
+        round_ = ins.binding.round
+        if node.dp is None:
+            index = batch_indices(
+                len(data), round_=round_, batch_size=ins.batch_size, seed=config.seed, clean_room_id=node.clean_room_id
+            )
+            grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=ins.min_batch_size)
+            num_examples, loss = grad.num_examples, grad.loss
+        else:
+            # Poisson sampling from fresh entropy: the sampling the accountant assumes, unknown to the platform.
+            sample_rate = min(1.0, ins.batch_size / len(data))
+            noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+            index = poisson_batch(len(data), sample_rate=sample_rate, generator=noise_generator)
+            sigma = noise_multiplier_for(node.dp, sample_rate=sample_rate, steps=config.num_rounds)
+            grad = private_batch_gradient(
+                model,
+                data,
+                index,
+                correction=ins.correction,
+                min_batch_size=ins.min_batch_size,
+                clip_norm=node.dp.clip_norm,
+                noise_multiplier=sigma,
+                generator=noise_generator,
+            )
+            _accountant(node, config, context.run_id).record_step(noise_multiplier=sigma, sample_rate=sample_rate)
+            # Only the noised sum leaves: the expected batch size, not the sampled count; no loss.
+            num_examples, loss = ins.batch_size, None
+        if config.record_payloads:
+            directory = batches_dir(node.directory, label_set=config.label_set, run_id=context.run_id)
+            directory.mkdir(parents=True, exist_ok=True)
+            np.save(directory / f"r{round_:05d}.npy", index.numpy())
+        quantizer = np.random.default_rng(np.random.SeedSequence([config.seed, node.clean_room_id, round_, 2]))
+        residual = room.residual if room.residual is not None else np.zeros(length, dtype=np.float32)
+        frame, residual = compress_with_feedback(grad.adapter_grad, residual, config.codec, generator=quantizer)
+        save_state(
+            context.state,
+            RoomState(held_round=round_, last_round=round_, weights=weights, residual=residual),
         )
-        grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=ins.min_batch_size)
-        reply = TrainReply(round=ins.round, adapter_grad=grad.adapter_grad, num_examples=grad.num_examples, loss=grad.loss)
+        reply = TrainReply(
+            binding=ins.binding, codec=config.codec, size=length, grad=frame, num_examples=num_examples, loss=loss
+        )
         return Message(reply.to_record(), reply_to=msg)
 
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        config = RunConfig.from_run_config({**defaults, **context.run_config})
+        node = _node_facts(context.node_config, config)
+        ins = LedgerIns.from_record(
+            msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes
+        )
+        ledger = privacy_ledger(node, config, run_id=context.run_id, rounds_served=load_state(context.state, length=None).last_round)
+        return Message(LedgerReply(binding=ins.binding, ledger=ledger).to_record(), reply_to=msg)
+
     return client_app
+
+
+def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int, rounds_served: int) -> dict:
+    """What protected this clean room's records in run ``run_id``."""
+    label_ledger = json.loads((node.directory / config.label_set / "ledger.json").read_text())
+    label_ledger.pop("source", None)  # a path inside the advertiser's premises
+    if node.dp is None:
+        dp_sgd: dict = {"enabled": False}
+    else:
+        dp_sgd = {"enabled": True, "clip_norm": node.dp.clip_norm, **_accountant(node, config, run_id).summary(delta=node.dp.delta)}
+    return {
+        "clean_room_id": node.clean_room_id,
+        "label_set": config.label_set,
+        "label_dp": label_ledger,
+        "dp_sgd": dp_sgd,
+        "min_batch_size": config.min_batch_size,
+        "codec": str(config.codec),
+        "rounds_served": rounds_served,
+    }
 
 
 app = make_client_app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["app", "make_server_app", "backbone_dir", "holdout_path"]
+__all__ = ["app", "make_server_app", "backbone_dir", "holdout_path", "write_privacy_ledger"]
 
 
 def backbone_dir(data_dir: Path) -> Path:
@@ -25,6 +26,26 @@ def backbone_dir(data_dir: Path) -> Path:
 
 def holdout_path(data_dir: Path) -> Path:
     return Path(data_dir) / "world" / "holdout.parquet"
+
+
+def write_privacy_ledger(path: Path, config: RunConfig, *, run_id: int, ledgers: dict[str, dict]) -> dict:
+    """The run's privacy ledger: what the platform enforced, and what each clean room reported."""
+    ledger = {
+        "run_id": run_id,
+        "rounds": config.num_rounds,
+        "platform": {
+            "min_batch_size": config.min_batch_size,
+            "batch_size": config.batch_size,
+            "codec": str(config.codec),
+            "downstream_codec": str(config.downstream_codec),
+            "correction": config.correction.value,
+        },
+        "clean_rooms": {node: ledgers[node] for node in sorted(ledgers)},
+    }
+    staging = Path(path).with_suffix(".tmp")
+    staging.write_text(json.dumps(ledger, indent=2) + "\n")
+    staging.replace(path)
+    return ledger
 
 
 def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
@@ -43,8 +64,10 @@ def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
         )
         torch.set_num_threads(1)
         run_log = run_federated_training(grid, config, trainer, Holdout(features, labels))
+        write_privacy_ledger(config.run_dir / "privacy_ledger.json", config, run_id=grid.run.run_id, ledgers=run_log.ledgers)
         run_log.write(
             config.run_dir / "result.json",
+            run_id=grid.run.run_id,
             config=config.to_run_config(),
             parameters=parameter_counts(trainer.model),
             final=run_log.evaluations[-1],

@@ -1,10 +1,14 @@
 """The platform's round loop over a Flower :class:`~flwr.serverapp.Grid`.
 
-Each round: send every clean room the current adapter weights, collect replies,
-validate each (a rejected reply is logged and never applied), aggregate, take
-one optimizer step, checkpoint; evaluate on the holdout every ``eval_every``
-rounds and at the end. Bytes are counted as Flower serializes the messages (the
-sum of the deflated objects of each message's tree).
+Each round: send every clean room the current adapter weights (a compressed
+delta against the version it acknowledged, :mod:`pcvr.platform.downlink`),
+collect replies, validate each against the round's binding (a rejected reply is
+counted, logged and never applied), decode, aggregate, take one optimizer step,
+checkpoint; evaluate on the holdout every ``eval_every`` rounds and at the end.
+After the last round every clean room is asked for its privacy ledger.
+
+Bytes are counted as Flower puts each message on the wire: the sum of the
+deflated objects of the message's tree (metadata, record dict, records).
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pcvr.models.features import EncodedFeatures
+from pcvr.platform.downlink import Downlink
 from pcvr.platform.training import AdapterTrainer, RunLog, aggregate
-from pcvr.protocols.messages import ProtocolError, TrainIns, TrainReply
+from pcvr.protocols.messages import (
+    Binding,
+    LedgerIns,
+    LedgerReply,
+    ProtocolError,
+    TrainIns,
+    TrainReply,
+    record_to_bytes,
+)
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["Holdout", "wire_bytes", "run_federated_training"]
+__all__ = ["Holdout", "wire_bytes", "PayloadRecorder", "receive_replies", "apply_round", "run_federated_training"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.01
@@ -67,59 +80,138 @@ def _exchange(grid: Grid, messages: list[Message], *, timeout: float) -> list[Me
     return replies
 
 
+class PayloadRecorder:
+    """Keeps the exact serialized payloads sent and received, for ``pcvr audit``.
+
+    ``<run_dir>/wire/r<round>-n<node>.sent`` and ``.received``: each a record
+    serialized as Flower does (:func:`pcvr.protocols.messages.record_to_bytes`).
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, round_: int, node_id: int, direction: str, message: Message) -> None:
+        if self.directory is not None:
+            path = self.directory / f"r{round_:05d}-n{node_id}.{direction}"
+            path.write_bytes(record_to_bytes(message.content))
+
+
+def receive_replies(
+    replies: list[Message],
+    *,
+    round_: int,
+    expected: dict[int, Binding],
+    config: RunConfig,
+    num_adapter_params: int,
+) -> tuple[dict[int, TrainReply], list[dict]]:
+    """Validate one round's replies; returns the accepted ones by node and the rejections.
+
+    Each node may answer once, with a reply bound to this run, this round and itself;
+    anything else — an error, a second reply, a reply from a node that was not asked,
+    a malformed or oversized payload — is a rejection with its reason.
+    """
+    accepted: dict[int, TrainReply] = {}
+    rejected: list[dict] = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        try:
+            if node not in expected:
+                raise ProtocolError(f"reply from node {node}, which was not asked this round")
+            if node in accepted:
+                raise ProtocolError("a second reply for this round (replayed)")
+            if reply.has_error():
+                raise ProtocolError(f"clean room error: {reply.error.reason}")
+            accepted[node] = TrainReply.from_record(
+                reply.content,
+                expected=expected[node],
+                codec=config.codec,
+                num_adapter_params=num_adapter_params,
+                min_batch_size=config.min_batch_size,
+                max_bytes=config.max_message_bytes,
+            )
+        except ProtocolError as exc:
+            rejected.append({"round": round_, "node": node, "reason": str(exc)})
+            log.warning("round %d: rejected reply from node %d: %s", round_, node, exc)
+    return accepted, rejected
+
+
+def apply_round(
+    trainer: AdapterTrainer,
+    replies: list[Message],
+    *,
+    round_: int,
+    expected: dict[int, Binding],
+    config: RunConfig,
+) -> tuple[dict[int, TrainReply], list[dict]]:
+    """Validate the round's replies and, if any is valid, take one optimizer step with their mean.
+
+    Only validated replies reach :func:`aggregate`; with none, the model is left untouched.
+    """
+    length = trainer.num_adapter_params
+    accepted, rejected = receive_replies(replies, round_=round_, expected=expected, config=config, num_adapter_params=length)
+    if accepted:
+        grads = [reply.adapter_grad() for reply in accepted.values()]
+        trainer.step(aggregate(grads, num_examples=[reply.num_examples for reply in accepted.values()]))
+    return accepted, rejected
+
+
 def run_federated_training(
     grid: Grid, config: RunConfig, trainer: AdapterTrainer, holdout: Holdout, *, round_timeout: float = 600.0
 ) -> RunLog:
     """Run ``config.num_rounds`` rounds; returns the log (also checkpointed under ``config.run_dir``)."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     nodes = _wait_for_nodes(grid, config.clean_rooms)
+    run_id = grid.run.run_id
+    length = trainer.num_adapter_params
+    downlink = Downlink(config.downstream_codec, length=length, seed=config.seed)
+    record = PayloadRecorder(config.run_dir / "wire" if config.record_payloads else None)
     run_log = RunLog()
     train_s = 0.0  # wall time of the rounds themselves, evaluation excluded
     for round_ in range(trainer.steps + 1, config.num_rounds + 1):
         started = time.monotonic()
-        ins = TrainIns(
-            round=round_,
-            adapter_weights=trainer.adapter_weights(),
-            batch_size=config.batch_size,
-            min_batch_size=config.min_batch_size,
-            correction=config.correction,
-        )
-        messages = [Message(ins.to_record(), dst_node_id=node, message_type="train") for node in nodes]
+        weights = trainer.adapter_weights()
+        expected = {node: Binding(run_id=run_id, round=round_, node_id=node) for node in nodes}
+        messages = []
+        for node in nodes:
+            outgoing = downlink.prepare(node, round_=round_, weights=weights)
+            ins = TrainIns(
+                binding=expected[node],
+                base_round=outgoing.base_round,
+                codec=outgoing.codec,
+                size=length,
+                weights=outgoing.frame,
+                batch_size=config.batch_size,
+                min_batch_size=config.min_batch_size,
+                correction=config.correction,
+            )
+            messages.append(Message(ins.to_record(), dst_node_id=node, message_type="train"))
+            record(round_, node, "sent", messages[-1])
         bytes_down = sum(wire_bytes(m) for m in messages)
         replies = _exchange(grid, messages, timeout=round_timeout)
         bytes_up = sum(wire_bytes(r) for r in replies)
-        accepted = []
         for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                reason = f"clean room error: {reply.error.reason}"
+            record(round_, reply.metadata.src_node_id, "received", reply)
+        accepted, rejected = apply_round(trainer, replies, round_=round_, expected=expected, config=config)
+        run_log.rejected.extend(rejected)
+        for node in nodes:
+            if node in accepted:
+                downlink.acknowledge(node, round_=round_)
             else:
-                try:
-                    accepted.append(
-                        TrainReply.from_record(
-                            reply.content,
-                            num_adapter_params=trainer.num_adapter_params,
-                            expected_round=round_,
-                            min_batch_size=config.min_batch_size,
-                        )
-                    )
-                    continue
-                except ProtocolError as exc:
-                    reason = str(exc)
-            run_log.rejected.append({"round": round_, "node": node, "reason": reason})
-            log.warning("round %d: rejected reply from node %d: %s", round_, node, reason)
+                downlink.forget(node)
         if not accepted:
             raise RuntimeError(f"round {round_}: no valid reply ({len(replies)} received, all rejected)")
-        trainer.step(aggregate(accepted))
+        examples = [reply.num_examples for reply in accepted.values()]
         trainer.checkpoint(config.run_dir / "checkpoint.pt")
-        examples = sum(r.num_examples for r in accepted)
+        losses = [(r.loss, r.num_examples) for r in accepted.values() if r.loss is not None]
         train_s += time.monotonic() - started
         run_log.rounds.append(
             {
                 "round": round_,
                 "clean_rooms": len(accepted),
-                "examples": examples,
-                "loss": sum(r.loss * r.num_examples for r in accepted) / examples,
+                "examples": sum(examples),
+                "loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
                 "bytes_down": bytes_down,
                 "bytes_up": bytes_up,
                 "wall_s": time.monotonic() - started,
@@ -129,4 +221,25 @@ def run_federated_training(
             metrics = trainer.evaluate(holdout.features, holdout.labels)
             run_log.evaluations.append({"round": round_, "train_s": train_s, **metrics})
             log.info("round %d: %s", round_, metrics)
+    run_log.ledgers = collect_ledgers(grid, nodes, run_id=run_id, config=config, timeout=round_timeout)
     return run_log
+
+
+def collect_ledgers(grid: Grid, nodes: list[int], *, run_id: int, config: RunConfig, timeout: float) -> dict[str, dict]:
+    """Ask every clean room what protected its records in this run; node → ledger (or the error)."""
+    round_ = config.num_rounds + 1
+    expected = {node: Binding(run_id=run_id, round=round_, node_id=node) for node in nodes}
+    messages = [Message(LedgerIns(expected[n]).to_record(), dst_node_id=n, message_type="query") for n in nodes]
+    ledgers: dict[str, dict] = {str(node): {"error": "no reply"} for node in nodes}
+    for reply in _exchange(grid, messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if node not in expected:
+            continue
+        try:
+            if reply.has_error():
+                raise ProtocolError(f"clean room error: {reply.error.reason}")
+            ledger = LedgerReply.from_record(reply.content, expected=expected[node], max_bytes=config.max_message_bytes)
+            ledgers[str(node)] = ledger.ledger
+        except ProtocolError as exc:
+            ledgers[str(node)] = {"error": str(exc)}
+    return ledgers

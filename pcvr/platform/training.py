@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,18 +21,18 @@ from pcvr.models.cvr import (
 )
 from pcvr.models.features import EncodedFeatures
 from pcvr.platform.evaluate import holdout_metrics, predict
-from pcvr.protocols.messages import TrainReply
 
 __all__ = ["aggregate", "cosine_learning_rate", "AdapterTrainer", "RunLog"]
 
 
-def aggregate(replies: list[TrainReply]) -> np.ndarray:
+def aggregate(gradients: Sequence[np.ndarray], *, num_examples: Sequence[int]) -> np.ndarray:
     """Example-weighted mean gradient: Σ (batch-summed gradients) / Σ (batch sizes)."""
-    if not replies:
+    if not gradients:
         raise ValueError("no valid replies to aggregate")
-    total = sum(reply.num_examples for reply in replies)
-    summed = np.sum([reply.adapter_grad.astype(np.float64) for reply in replies], axis=0)
-    return (summed / total).astype(np.float32)
+    if len(gradients) != len(num_examples):
+        raise ValueError(f"{len(gradients)} gradients but {len(num_examples)} example counts")
+    summed = np.sum([np.asarray(g, dtype=np.float64) for g in gradients], axis=0)
+    return (summed / sum(num_examples)).astype(np.float32)
 
 
 def cosine_learning_rate(step: int, *, peak: float, total_steps: int, floor: float = 0.1) -> float:
@@ -101,11 +102,12 @@ class AdapterTrainer:
 
 @dataclass
 class RunLog:
-    """What the platform saw during a run: per-round loss and bytes, evaluations, rejections."""
+    """What the platform saw during a run: per-round loss and bytes, evaluations, rejections, ledgers."""
 
     rounds: list[dict] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    ledgers: dict[str, dict] = field(default_factory=dict)  # node id → the clean room's privacy ledger
 
     @property
     def bytes_up(self) -> int:
@@ -121,6 +123,8 @@ class RunLog:
             "rounds": len(self.rounds),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "bytes_up_per_round": self.bytes_up / max(1, len(self.rounds)),
+            "bytes_down_per_round": self.bytes_down / max(1, len(self.rounds)),
             "rejected": len(self.rejected),
             "rejections": self.rejected,
             "evaluations": self.evaluations,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 
 __all__ = ["RunConfig"]
@@ -34,6 +35,17 @@ class RunConfig:
         learning_rate: the platform's Adam step size on the adapters.
         eval_every: evaluate on the holdout every this many rounds (and at the end).
         seed: seeds the adapters' initialisation and the clean rooms' batch sampling.
+        codec: how clean rooms compress their gradients (``pcvr.protocols.codecs``;
+            ``none`` sends dense float32), with error feedback.
+        downstream_codec: how the platform compresses the adapter-weight deltas it sends.
+        max_message_bytes: a received message larger than this is rejected unread.
+        record_payloads: keep a copy of every payload sent and received (for ``pcvr audit``).
+        dp_noise_multiplier: DP-SGD noise σ in the clean rooms (0: off); a clean room's
+            node config may set its own.
+        dp_target_epsilon: alternatively, the DP-SGD ε to reach after ``num_rounds``
+            rounds, from which σ is derived (0: off).
+        dp_clip_norm: DP-SGD per-example L2 clip norm C.
+        dp_delta: DP-SGD δ.
     """
 
     data_dir: Path = Path("runs/demo")
@@ -47,9 +59,17 @@ class RunConfig:
     learning_rate: float = 0.02
     eval_every: int = 25
     seed: int = 0
+    codec: Codec = Codec.parse("topk:0.05+q4")
+    downstream_codec: Codec = Codec.parse("q8")
+    max_message_bytes: int = 1 << 20
+    record_payloads: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_clip_norm: float = 1.0
+    dp_delta: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("num_rounds", "clean_rooms", "batch_size", "min_batch_size", "eval_every"):
+        for name in ("num_rounds", "clean_rooms", "batch_size", "min_batch_size", "eval_every", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run config: {name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.batch_size < self.min_batch_size:
@@ -58,6 +78,15 @@ class RunConfig:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"run config: learning-rate must be > 0; got {self.learning_rate}")
+        for name in ("dp_noise_multiplier", "dp_target_epsilon"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"run config: {name.replace('_', '-')} must be >= 0 (0: off); got {getattr(self, name)}")
+        if self.dp_noise_multiplier > 0 and self.dp_target_epsilon > 0:
+            raise ValueError("run config: set dp-noise-multiplier or dp-target-epsilon, not both")
+        if not (self.dp_clip_norm > 0 and math.isfinite(self.dp_clip_norm)):
+            raise ValueError(f"run config: dp-clip-norm must be > 0; got {self.dp_clip_norm}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"run config: dp-delta must be in (0, 1); got {self.dp_delta}")
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, object]) -> "RunConfig":
@@ -75,6 +104,10 @@ class RunConfig:
                     kwargs[name] = Path(str(value))
                 elif isinstance(default, Correction):
                     kwargs[name] = Correction.parse(str(value))
+                elif isinstance(default, Codec):
+                    kwargs[name] = Codec.parse(str(value))
+                elif isinstance(default, bool):
+                    kwargs[name] = _parse_bool(value)
                 elif isinstance(value, bool):
                     raise ValueError(f"expected a {type(default).__name__}, got {value!r}")
                 elif isinstance(default, int):
@@ -92,7 +125,17 @@ class RunConfig:
         out: dict[str, str | int | float] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name.replace("_", "-")] = (
-                str(value) if isinstance(value, Path) else value.value if isinstance(value, Correction) else value
-            )
+            if isinstance(value, (Path, Codec)):
+                value = str(value)
+            elif isinstance(value, Correction):
+                value = value.value
+            out[f.name.replace("_", "-")] = value
         return out
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"expected true or false, got {value!r}")

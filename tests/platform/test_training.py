@@ -10,7 +10,6 @@ import torch
 
 from pcvr.models.cvr import CVRNet, ModelConfig, adapter_parameters
 from pcvr.platform.training import AdapterTrainer, aggregate, cosine_learning_rate
-from pcvr.protocols.messages import TrainReply
 
 TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
 
@@ -57,39 +56,36 @@ def assert_same_optimizer_state(a: list[tuple], b: list[tuple]) -> None:
 
 
 def test_aggregate_is_example_weighted_mean_pinned() -> None:
-    replies = [
-        TrainReply(round=1, adapter_grad=np.array([2.0, 4.0, -6.0], dtype=np.float32), num_examples=2, loss=0.5),
-        TrainReply(round=1, adapter_grad=np.array([10.0, 0.0, 3.0], dtype=np.float32), num_examples=8, loss=0.4),
-    ]
-    mean = aggregate(replies)
+    grads = [np.array([2.0, 4.0, -6.0], dtype=np.float32), np.array([10.0, 0.0, 3.0], dtype=np.float32)]
+    mean = aggregate(grads, num_examples=[2, 8])
     assert mean.dtype == np.float32 and mean.shape == (3,)
     # (2 + 10, 4 + 0, -6 + 3) / (2 + 8); the mean of per-reply means would be (1.125, 1.0, -1.3125)
     np.testing.assert_allclose(mean, [1.2, 0.4, -0.3], rtol=1e-6)
-    # the replies are not modified
-    assert replies[0].adapter_grad.tolist() == [2.0, 4.0, -6.0]
+    # the inputs are not modified
+    assert grads[0].tolist() == [2.0, 4.0, -6.0]
 
 
 def test_aggregate_of_one_reply_divides_by_its_size() -> None:
     grad = random_grad(50, seed=1)
-    mean = aggregate([TrainReply(round=3, adapter_grad=grad, num_examples=4, loss=0.1)])
+    mean = aggregate([grad], num_examples=[4])
     np.testing.assert_allclose(mean, grad / 4, rtol=1e-6)
 
 
 def test_aggregate_matches_slow_reference() -> None:
     rng = np.random.default_rng(2)
-    replies = [
-        TrainReply(round=1, adapter_grad=random_grad(20, seed=k), num_examples=int(rng.integers(1, 100)), loss=0.1)
-        for k in range(5)
-    ]
+    grads = [random_grad(20, seed=k) for k in range(5)]
+    sizes = [int(rng.integers(1, 100)) for _ in range(5)]
     total = np.zeros(20)
-    for reply in replies:
-        total += reply.adapter_grad.astype(np.float64)
-    np.testing.assert_allclose(aggregate(replies), total / sum(r.num_examples for r in replies), rtol=1e-6)
+    for grad in grads:
+        total += grad.astype(np.float64)
+    np.testing.assert_allclose(aggregate(grads, num_examples=sizes), total / sum(sizes), rtol=1e-6)
 
 
-def test_aggregate_of_nothing_raises() -> None:
+def test_aggregate_of_nothing_or_mismatched_counts_raises() -> None:
     with pytest.raises(ValueError):
-        aggregate([])
+        aggregate([], num_examples=[])
+    with pytest.raises(ValueError, match="example counts"):
+        aggregate([random_grad(3, seed=0)], num_examples=[1, 2])
 
 
 # --- cosine_learning_rate --------------------------------------------------------------------

@@ -1,263 +1,280 @@
-"""Tests of pcvr.protocols.messages: round trips and rejection of malformed records.
+"""Tests of pcvr.protocols.messages: round trips, binding, and rejection of malformed records.
 
-Flower ``Message`` objects need a running Flower context, so these tests work on the
+Flower ``Message`` objects are built in the platform's tests; these work on the
 ``RecordDict`` content that ``to_record`` / ``from_record`` exchange.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from pcvr.protocols import messages
+from pcvr.protocols.codecs import Codec, encode
 from pcvr.protocols.label_dp import Correction
-from pcvr.protocols.messages import PROTOCOL_VERSION, ProtocolError, TrainIns, TrainReply
+from pcvr.protocols.messages import (
+    PROTOCOL_VERSION,
+    SECTION,
+    Binding,
+    LedgerIns,
+    LedgerReply,
+    ProtocolError,
+    TrainIns,
+    TrainReply,
+    record_from_bytes,
+    record_size,
+    record_to_bytes,
+)
 
 SIZE = 50
-ARRAYS, CONFIG, METRICS = "pcvr.arrays", "pcvr.config", "pcvr.metrics"
+RUN, NODE = 2**63 + 11, 2**64 - 3  # Flower ids are unsigned 64-bit
+BINDING = Binding(run_id=RUN, round=3, node_id=NODE)
+TOPK_Q4 = Codec.parse("topk:0.2+q4")
+NONE = Codec.parse("none")
+LIMIT = 1 << 20
 
 
-def vector(seed: int, size: int = SIZE, dtype=np.float32) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=size).astype(dtype)
+def vector(seed: int, size: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=size).astype(np.float32)
 
 
-def make_ins() -> TrainIns:
-    return TrainIns(round=3, adapter_weights=vector(0), batch_size=64, min_batch_size=16, correction=Correction.BACKWARD)
+def frame(values: np.ndarray, codec: Codec = NONE) -> bytes:
+    return encode(values, codec, generator=np.random.default_rng(0))
 
 
-def make_reply() -> TrainReply:
-    return TrainReply(round=3, adapter_grad=vector(1), num_examples=64, loss=0.4321)
+def make_ins(**changes) -> TrainIns:
+    fields = dict(
+        binding=BINDING,
+        base_round=2,
+        codec=NONE,
+        size=SIZE,
+        weights=frame(vector(0)),
+        batch_size=64,
+        min_batch_size=16,
+        correction=Correction.BACKWARD,
+    )
+    return TrainIns(**{**fields, **changes})
 
 
-def read_ins(record: RecordDict) -> TrainIns:
-    return TrainIns.from_record(record, num_adapter_params=SIZE)
+def make_reply(**changes) -> TrainReply:
+    fields = dict(binding=BINDING, codec=TOPK_Q4, size=SIZE, grad=frame(vector(1), TOPK_Q4), num_examples=64, loss=0.4321)
+    return TrainReply(**{**fields, **changes})
 
 
-def read_reply(record: RecordDict) -> TrainReply:
-    return TrainReply.from_record(record, num_adapter_params=SIZE, expected_round=3, min_batch_size=16)
+def read_ins(record: RecordDict, *, last_round: int = 2) -> TrainIns:
+    return TrainIns.from_record(
+        record, run_id=RUN, node_id=NODE, last_round=last_round, num_adapter_params=SIZE, max_bytes=LIMIT
+    )
 
 
-def snapshot(record: RecordDict) -> dict:
-    """Everything a record holds, as plain values, to detect mutation."""
-    out: dict = {}
-    for name, section in record.items():
-        if isinstance(section, ArrayRecord):
-            out[name] = ("arrays", {k: (a.dtype, tuple(a.shape), a.stype, bytes(a.data)) for k, a in section.items()})
-        else:
-            out[name] = (type(section).__name__, {k: repr(v) for k, v in section.items()})
-    return out
+def read_reply(record: RecordDict, *, codec: Codec = TOPK_Q4, max_bytes: int = LIMIT) -> TrainReply:
+    return TrainReply.from_record(
+        record, expected=BINDING, codec=codec, num_adapter_params=SIZE, min_batch_size=16, max_bytes=max_bytes
+    )
+
+
+def fields_of(record: RecordDict) -> dict:
+    return dict(record[SECTION].items())
+
+
+def resealed(record: RecordDict, *, drop: tuple[str, ...] = (), **changes) -> RecordDict:
+    """A sender that follows the framing but lies: change fields, recompute the digest."""
+    values = {k: v for k, v in fields_of(record).items() if k != "digest" and k not in drop}
+    values.update({k.replace("_", "-"): v for k, v in changes.items()})
+    values["digest"] = messages._digest(values)
+    return RecordDict({SECTION: ConfigRecord(values)})
+
+
+def altered(record: RecordDict, **changes) -> RecordDict:
+    """Change fields without recomputing the digest (corruption in transit)."""
+    values = fields_of(record)
+    values.update({k.replace("_", "-"): v for k, v in changes.items()})
+    return RecordDict({SECTION: ConfigRecord(values)})
 
 
 # --- round trips -----------------------------------------------------------------------------
 
 
-def test_train_ins_round_trip() -> None:
+def test_train_ins_round_trip_leaves_the_record_untouched() -> None:
     ins = make_ins()
     record = ins.to_record()
-    before = snapshot(record)
+    before = record_to_bytes(record)
     back = read_ins(record)
-    assert back.round == 3 and back.batch_size == 64 and back.min_batch_size == 16
-    assert back.correction is Correction.BACKWARD
-    assert back.adapter_weights.dtype == np.float32
-    np.testing.assert_array_equal(back.adapter_weights, ins.adapter_weights)
-    assert snapshot(record) == before
-    back.adapter_weights[:] = 0  # the decoded value does not alias the record
-    assert snapshot(record) == before
-    config = record[CONFIG]
-    assert config["version"] == PROTOCOL_VERSION
+    assert back == ins
+    np.testing.assert_array_equal(back.weights_delta(), vector(0))
+    assert record_to_bytes(record) == before
+    assert fields_of(record)["version"] == PROTOCOL_VERSION
 
 
 @pytest.mark.parametrize("correction", list(Correction), ids=lambda c: c.value)
 def test_train_ins_round_trip_every_correction(correction: Correction) -> None:
-    ins = TrainIns(round=1, adapter_weights=vector(2), batch_size=8, min_batch_size=8, correction=correction)
-    assert read_ins(ins.to_record()).correction is correction
+    assert read_ins(make_ins(correction=correction).to_record()).correction is correction
 
 
-def test_train_ins_to_record_casts_weights_to_float32() -> None:
-    weights = vector(3, dtype=np.float64)
-    ins = TrainIns(round=1, adapter_weights=weights, batch_size=8, min_batch_size=8, correction=Correction.NONE)
-    back = read_ins(ins.to_record())
-    assert back.adapter_weights.dtype == np.float32
-    np.testing.assert_array_equal(back.adapter_weights, weights.astype(np.float32))
+@pytest.mark.parametrize("loss", [0.4321, None])
+def test_train_reply_round_trip(loss: float | None) -> None:
+    reply = make_reply(loss=loss)
+    back = read_reply(reply.to_record())
+    assert back == reply
+    np.testing.assert_array_equal(back.adapter_grad(), reply.adapter_grad())
 
 
-def test_train_reply_round_trip() -> None:
-    reply = make_reply()
-    record = reply.to_record()
-    before = snapshot(record)
-    back = read_reply(record)
-    assert back.round == 3 and back.num_examples == 64
-    assert back.loss == pytest.approx(0.4321, rel=1e-12)
-    assert back.adapter_grad.dtype == np.float32
-    np.testing.assert_array_equal(back.adapter_grad, reply.adapter_grad)
-    assert snapshot(record) == before
-    back.adapter_grad[:] = 0
-    assert snapshot(record) == before
+def test_ledger_messages_round_trip() -> None:
+    assert LedgerIns.from_record(LedgerIns(BINDING).to_record(), run_id=RUN, node_id=NODE, max_bytes=LIMIT).binding == BINDING
+    ledger = {"clean_room_id": 1, "dp_sgd": {"enabled": True, "epsilon": 2.5}, "levels": {"standard": 3.0}}
+    back = LedgerReply.from_record(LedgerReply(BINDING, ledger).to_record(), expected=BINDING, max_bytes=LIMIT)
+    assert back.ledger == ledger
 
 
-def test_train_reply_at_exactly_min_batch_size_is_accepted() -> None:
-    reply = TrainReply(round=3, adapter_grad=vector(4), num_examples=16, loss=0.1)
-    assert read_reply(reply.to_record()).num_examples == 16
+def test_bytes_round_trip_is_exact() -> None:
+    record = make_reply().to_record()
+    data = record_to_bytes(record)
+    assert record_to_bytes(record_from_bytes(data)) == data
+    assert read_reply(record_from_bytes(data)) == make_reply()
+    assert record_size(record) == len(data)
 
 
-# --- rejections ------------------------------------------------------------------------------
+# --- binding: run, round, node ---------------------------------------------------------------
 
 
-def _set_config(key: str, value) -> Callable[[RecordDict], None]:
-    def mutate(record: RecordDict) -> None:
-        record[CONFIG][key] = value
-
-    return mutate
-
-
-def _del(section: str, key: str) -> Callable[[RecordDict], None]:
-    def mutate(record: RecordDict) -> None:
-        del record[section][key]
-
-    return mutate
-
-
-def _del_section(section: str) -> Callable[[RecordDict], None]:
-    def mutate(record: RecordDict) -> None:
-        del record[section]
-
-    return mutate
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(run=RUN + 1), "bound to run"),
+        (dict(node=NODE - 1), "bound to node"),
+        (dict(round=2), "stale or replayed"),
+        (dict(round=4), "stale or replayed"),
+    ],
+)
+def test_reply_bound_elsewhere_is_rejected(changes: dict, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        read_reply(resealed(make_reply().to_record(), **changes))
 
 
-def _set_array(key: str, array: Array) -> Callable[[RecordDict], None]:
-    def mutate(record: RecordDict) -> None:
-        record[ARRAYS][key] = array
-
-    return mutate
-
-
-def _set_metric(key: str, value) -> Callable[[RecordDict], None]:
-    def mutate(record: RecordDict) -> None:
-        record[METRICS][key] = value
-
-    return mutate
-
-
-def _extra_section(record: RecordDict) -> None:
-    record["pcvr.extra"] = ConfigRecord({"x": 1})
-
-
-def _config_as_metrics(record: RecordDict) -> None:
-    record[CONFIG] = MetricRecord({k: v for k, v in record[CONFIG].items() if not isinstance(v, str)})
-
-
-def _with(vector_: np.ndarray, index: int, value: float) -> np.ndarray:
-    out = vector_.copy()
-    out[index] = value
-    return out
-
-
-CORRUPT = Array(dtype="float32", shape=(SIZE,), stype="numpy.ndarray", data=b"not an array")
-
-BAD_INS = {
-    "version-2": _set_config("version", 2),
-    "version-0": _set_config("version", 0),
-    "version-string": _set_config("version", "1"),
-    "missing-version": _del(CONFIG, "version"),
-    "missing-round": _del(CONFIG, "round"),
-    "missing-correction": _del(CONFIG, "correction"),
-    "missing-weights": _del(ARRAYS, "adapter-weights"),
-    "missing-arrays": _del_section(ARRAYS),
-    "missing-config": _del_section(CONFIG),
-    "extra-config-key": _set_config("learning-rate", 0.1),
-    "extra-array": _set_array("adapter-grad", Array(vector(5))),
-    "extra-section": _extra_section,
-    "config-wrong-record-type": _config_as_metrics,
-    "short-weights": _set_array("adapter-weights", Array(vector(5, size=SIZE - 1))),
-    "2-d-weights": _set_array("adapter-weights", Array(vector(5).reshape(5, 10))),
-    "float64-weights": _set_array("adapter-weights", Array(vector(5, dtype=np.float64))),
-    "nan-weights": _set_array("adapter-weights", Array(_with(vector(5), 4, np.nan))),
-    "inf-weights": _set_array("adapter-weights", Array(_with(vector(5), 0, -np.inf))),
-    "corrupt-weights": _set_array("adapter-weights", CORRUPT),
-    "round-0": _set_config("round", 0),
-    "round-negative": _set_config("round", -2),
-    "round-float": _set_config("round", 3.0),
-    "round-bool": _set_config("round", True),
-    "batch-below-min": _set_config("batch-size", 8),
-    "min-batch-0": _set_config("min-batch-size", 0),
-    "unknown-correction": _set_config("correction", "median"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INS))
-def test_train_ins_from_record_rejects(case: str) -> None:
+def test_instruction_for_a_served_round_is_a_replay() -> None:
     record = make_ins().to_record()
-    BAD_INS[case](record)
-    before = snapshot(record)
-    with pytest.raises(ProtocolError):
-        read_ins(record)
-    assert snapshot(record) == before
+    read_ins(record, last_round=2)
+    with pytest.raises(ProtocolError, match="stale or replayed"):
+        read_ins(record, last_round=3)
 
 
-BAD_REPLIES = {
-    "version-2": _set_config("version", 2),
-    "missing-version": _del(CONFIG, "version"),
-    "missing-num-examples": _del(METRICS, "num-examples"),
-    "missing-loss": _del(METRICS, "loss"),
-    "missing-grad": _del(ARRAYS, "adapter-grad"),
-    "missing-metrics": _del_section(METRICS),
-    "missing-arrays": _del_section(ARRAYS),
-    "extra-metric": _set_metric("auc", 0.7),
-    "extra-config-key": _set_config("node", 4),
-    "extra-array": _set_array("adapter-weights", Array(vector(6))),
-    "extra-section": _extra_section,
-    "short-grad": _set_array("adapter-grad", Array(vector(6, size=SIZE + 1))),
-    "2-d-grad": _set_array("adapter-grad", Array(vector(6).reshape(10, 5))),
-    "float64-grad": _set_array("adapter-grad", Array(vector(6, dtype=np.float64))),
-    "float16-grad": _set_array("adapter-grad", Array(vector(6, dtype=np.float16))),
-    "nan-grad": _set_array("adapter-grad", Array(_with(vector(6), 9, np.nan))),
-    "inf-grad": _set_array("adapter-grad", Array(_with(vector(6), 9, np.inf))),
-    "corrupt-grad": _set_array("adapter-grad", CORRUPT),
-    "wrong-round-stale": _set_config("round", 2),
-    "wrong-round-future": _set_config("round", 4),
-    "num-examples-below-min": _set_metric("num-examples", 15),
-    "num-examples-zero": _set_metric("num-examples", 0),
-    "num-examples-float": _set_metric("num-examples", 64.0),
-    "nan-loss": _set_metric("loss", float("nan")),
-    "inf-loss": _set_metric("loss", float("inf")),
-}
+def test_instruction_for_another_node_or_run_is_rejected() -> None:
+    with pytest.raises(ProtocolError, match="bound to node"):
+        read_ins(resealed(make_ins().to_record(), node=5))
+    with pytest.raises(ProtocolError, match="bound to run"):
+        read_ins(resealed(make_ins().to_record(), run=5))
 
 
-@pytest.mark.parametrize("case", list(BAD_REPLIES))
-def test_train_reply_from_record_rejects(case: str) -> None:
+def test_delta_base_must_precede_the_round() -> None:
+    with pytest.raises(ProtocolError, match="base-round"):
+        read_ins(resealed(make_ins().to_record(), base_round=3))
+
+
+# --- integrity and framing -------------------------------------------------------------------
+
+
+def test_any_change_without_a_new_digest_is_rejected() -> None:
     record = make_reply().to_record()
-    BAD_REPLIES[case](record)
-    before = snapshot(record)
-    with pytest.raises(ProtocolError):
-        read_reply(record)
-    assert snapshot(record) == before
+    with pytest.raises(ProtocolError, match="digest does not match"):
+        read_reply(altered(record, examples=65))
+    grad = bytearray(fields_of(record)["grad"])
+    grad[3] ^= 0x10
+    with pytest.raises(ProtocolError, match="digest does not match"):
+        read_reply(altered(record, grad=bytes(grad)))
 
 
-def test_rejections_say_what_is_wrong() -> None:
-    record = make_reply().to_record()
-    _set_config("round", 2)(record)
-    with pytest.raises(ProtocolError, match="round 2.*expected round 3"):
-        read_reply(record)
-    record = make_ins().to_record()
-    _set_config("version", 7)(record)
-    with pytest.raises(ProtocolError, match="version 7"):
-        read_ins(record)
-    record = make_reply().to_record()
-    _set_array("adapter-grad", Array(vector(6, dtype=np.float64)))(record)
-    with pytest.raises(ProtocolError, match="float64"):
+def test_wrong_version_is_rejected_even_when_resealed() -> None:
+    for version in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, "2", 2.0):
+        with pytest.raises(ProtocolError, match="protocol version"):
+            read_reply(resealed(make_reply().to_record(), version=version))
+
+
+def test_unknown_and_missing_keys_are_rejected() -> None:
+    with pytest.raises(ProtocolError, match=r"unexpected keys \['extra'\]"):
+        read_reply(resealed(make_reply().to_record(), extra=1))
+    with pytest.raises(ProtocolError, match=r"missing keys \['examples'\]"):
+        read_reply(resealed(make_reply().to_record(), drop=("examples",)))
+    with pytest.raises(ProtocolError, match="expected only"):
+        record = make_reply().to_record()
+        record["other"] = ArrayRecord()
         read_reply(record)
 
 
-def test_protocol_error_is_a_value_error() -> None:
-    assert issubclass(ProtocolError, ValueError)
+def test_oversized_message_is_rejected_before_it_is_read() -> None:
+    record = make_reply().to_record()
+    size = record_size(record)
+    read_reply(record, max_bytes=size)
+    with pytest.raises(ProtocolError, match=f"{size} bytes; the limit is {size - 1}"):
+        read_reply(record, max_bytes=size - 1)
 
 
-@pytest.mark.parametrize("version", [True, 1.0], ids=["bool", "float"])
-def test_version_must_be_the_integer_protocol_version(version) -> None:
-    """``True == 1`` and ``1.0 == 1`` in Python, but neither is protocol version 1 on the wire."""
-    for record, read in ((make_ins().to_record(), read_ins), (make_reply().to_record(), read_reply)):
-        _set_config("version", version)(record)
-        with pytest.raises(ProtocolError, match="version"):
-            read(record)
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(examples=15), "'examples' must be an integer in \\[16"),
+        (dict(examples=64.0), "'examples' must be an integer"),
+        (dict(examples=True), "'examples' must be an integer"),
+        (dict(loss=float("nan")), "loss must be a finite float"),
+        (dict(loss=1), "loss must be a finite float"),
+        (dict(grad=[1.0, 2.0]), "'grad' must be bytes"),
+        (dict(codec="zip"), "codec"),
+        (dict(codec="none"), "reply uses codec none; this run uses topk:0.2\\+q4"),
+    ],
+)
+def test_malformed_reply_fields_are_rejected(changes: dict, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        read_reply(resealed(make_reply().to_record(), **changes))
+
+
+@pytest.mark.parametrize("size", [SIZE - 1, SIZE + 1])
+def test_gradient_of_the_wrong_length_is_rejected(size: int) -> None:
+    record = make_reply(codec=NONE, size=size, grad=frame(vector(1, size))).to_record()
+    with pytest.raises(ProtocolError, match=f"adapter gradient has {size} entries; expected {SIZE}"):
+        read_reply(record, codec=NONE)
+    lying = make_reply(codec=NONE, grad=frame(vector(1, size))).to_record()  # declares SIZE, sends another length
+    with pytest.raises(ProtocolError, match="adapter gradient \\(none\\)"):
+        read_reply(lying, codec=NONE)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_rejected(bad: float) -> None:
+    values = vector(1)
+    raw = bytearray(values.tobytes())
+    raw[8:12] = np.float32(bad).tobytes()  # encode() refuses NaN, so forge the frame
+    with pytest.raises(ProtocolError, match="adapter gradient"):
+        read_reply(make_reply(codec=NONE, grad=bytes(raw)).to_record(), codec=NONE)
+    with pytest.raises(ProtocolError, match="adapter weights"):
+        read_ins(make_ins(weights=bytes(raw)).to_record())
+
+
+def test_float64_frame_is_rejected() -> None:
+    wide = vector(1).astype(np.float64).tobytes()
+    with pytest.raises(ProtocolError, match="adapter gradient"):
+        read_reply(make_reply(codec=NONE, grad=wide).to_record(), codec=NONE)
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(batch_size=8), "batch size 8 is below the minimum 16"),
+        (dict(batch_size=0), "'batch-size' must be an integer in \\[1"),
+        (dict(correction="sideways"), "correction must be one of none, forward, backward"),
+        (dict(weights="abc"), "'weights' must be bytes"),
+    ],
+)
+def test_malformed_instruction_fields_are_rejected(changes: dict, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        read_ins(resealed(make_ins().to_record(), **changes))
+
+
+def test_garbage_bytes_do_not_parse() -> None:
+    with pytest.raises(ProtocolError, match="does not parse"):
+        record_from_bytes(b"\xff\xff\xff\x07garbage")
+
+
+def test_ledger_reply_must_be_a_json_object() -> None:
+    record = LedgerReply(BINDING, {"a": 1}).to_record()
+    for text in ("[1, 2]", "{not json"):
+        with pytest.raises(ProtocolError, match="ledger"):
+            LedgerReply.from_record(resealed(record, ledger=text), expected=BINDING, max_bytes=LIMIT)

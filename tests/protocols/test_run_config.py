@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.run_config import RunConfig
 
@@ -33,13 +34,43 @@ def test_round_trip_every_field_changed():
         learning_rate=0.5,
         eval_every=1,
         seed=42,
+        codec=Codec.parse("q8"),
+        downstream_codec=Codec.parse("none"),
+        max_message_bytes=4096,
+        record_payloads=True,
+        dp_noise_multiplier=1.1,
+        dp_target_epsilon=0.0,
+        dp_clip_norm=0.5,
+        dp_delta=1e-5,
     )
-    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig))
+    assert all(
+        getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig) if f.name != "dp_target_epsilon"
+    )
     flat = config.to_run_config()
     assert set(flat) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
     assert all(isinstance(v, (str, int, float)) for v in flat.values())
     assert flat["correction"] == "backward" and flat["data-dir"] == "/data/world"
+    assert flat["codec"] == "q8" and flat["record-payloads"] is True
     assert RunConfig.from_run_config(flat) == config
+    # what `flwr run --run-config` hands over for strings and booleans
+    assert RunConfig.from_run_config({**flat, "record-payloads": "false"}).record_payloads is False
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"codec": "zip"}, "run config: codec: codec must be"),
+        ({"record-payloads": "yes"}, "expected true or false"),
+        ({"dp-noise-multiplier": 1.0, "dp-target-epsilon": 2.0}, "not both"),
+        ({"dp-noise-multiplier": -1.0}, "dp-noise-multiplier must be >= 0"),
+        ({"dp-delta": 1.0}, "dp-delta must be in"),
+        ({"dp-clip-norm": 0.0}, "dp-clip-norm must be > 0"),
+        ({"max-message-bytes": 0}, "max-message-bytes must be >= 1"),
+    ],
+)
+def test_wire_and_dp_settings_are_validated(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_run_config(values)
 
 
 def test_partial_config_keeps_defaults():

@@ -1,0 +1,84 @@
+"""What a clean room keeps between rounds of one run, in Flower's ``context.state``.
+
+* the adapter weights it holds and the round they belong to (instructions arrive as
+  deltas against them);
+* the newest round it served (an instruction for that round or an older one is a
+  replay and is refused);
+* the error-feedback residual: what the gradient codec dropped so far, added to the
+  next gradient before it is compressed, so it is sent later rather than lost.
+
+The state stays on the clean room's node; nothing of it crosses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from pcvr.protocols.messages import ProtocolError, TrainIns
+
+__all__ = ["RoomState", "load_state", "save_state", "weights_for"]
+
+_ARRAYS = "pcvr.clean-room.arrays"
+_ROUNDS = "pcvr.clean-room.rounds"
+_WEIGHTS = "weights"
+_RESIDUAL = "residual"
+_HELD = "held-round"
+_LAST = "last-round"
+
+
+@dataclass(frozen=True)
+class RoomState:
+    held_round: int = 0  # 0: holds no weights
+    last_round: int = 0
+    weights: np.ndarray | None = None
+    residual: np.ndarray | None = None
+
+
+def load_state(state: RecordDict, *, length: int | None) -> RoomState:
+    """The clean room's state for this run (empty at the first round or after a restart).
+
+    ``length`` is the adapter vector's length; ``None`` skips the shape check.
+    """
+    if _ROUNDS not in state:
+        return RoomState()
+    rounds, arrays = state[_ROUNDS], state[_ARRAYS]
+    weights, residual = (arrays[key].numpy() if key in arrays else None for key in (_WEIGHTS, _RESIDUAL))
+    for name, value in ((_WEIGHTS, weights), (_RESIDUAL, residual)):
+        if value is not None and length is not None and value.shape != (length,):
+            return RoomState()  # a state from another model: start over (the platform resends in full)
+    return RoomState(
+        held_round=int(rounds[_HELD]), last_round=int(rounds[_LAST]), weights=weights, residual=residual
+    )
+
+
+def save_state(state: RecordDict, room: RoomState) -> None:
+    arrays = {}
+    if room.weights is not None:
+        arrays[_WEIGHTS] = Array(np.ascontiguousarray(room.weights, dtype=np.float32))
+    if room.residual is not None:
+        arrays[_RESIDUAL] = Array(np.ascontiguousarray(room.residual, dtype=np.float32))
+    state[_ARRAYS] = ArrayRecord(arrays)
+    state[_ROUNDS] = ConfigRecord({_HELD: room.held_round, _LAST: room.last_round})
+
+
+def weights_for(room: RoomState, ins: TrainIns, *, length: int) -> np.ndarray:
+    """The weights ``ins`` describes: its delta applied to the version it names.
+
+    Raises:
+        ProtocolError: the delta is against a version this clean room does not hold.
+    """
+    delta = ins.weights_delta()
+    if ins.base_round == 0:
+        return delta
+    if room.weights is None or room.held_round != ins.base_round:
+        raise ProtocolError(
+            f"weights are a delta against round {ins.base_round}; this clean room holds round {room.held_round}"
+        )
+    with np.errstate(over="ignore"):
+        weights = room.weights + delta
+    if not np.isfinite(weights).all():
+        raise ProtocolError("applying the weight delta gives NaN or infinite weights")
+    return weights
