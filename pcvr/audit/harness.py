@@ -233,54 +233,64 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
     length = sum(p.numel() for p in adapter_parameters(model))
     bias_index = _bias_offset_index(model)
 
-    scores: dict[str, list[list[float]]] = {name: [] for name in ATTACKS}
-    canary_keys: list[tuple[int, int]] = []  # (clean room, canary number) of each scored appearance
+    # (clean room, canary number) → attack → scores of every payload the canary was in
+    scores: dict[tuple[int, int], dict[str, list[float]]] = {}
     counts_exact: list[bool] = []
     for round_, node, weights, received in _replay(run_dir, result["run_id"], length, setting.codec):
         room = rooms[node_room[node]]
-        batch = torch.from_numpy(
-            np.load(batches_dir(clean_room_dir(spec.work_dir, room.clean_room_id), label_set=setting.label_set, run_id=result["run_id"]) / f"r{round_:05d}.npy")
-        )
+        batch_file = batches_dir(
+            clean_room_dir(spec.work_dir, room.clean_room_id), label_set=setting.label_set, run_id=result["run_id"]
+        ) / f"r{round_:05d}.npy"
+        batch = torch.from_numpy(np.load(batch_file))
         set_adapter_vector(model, torch.from_numpy(weights))
         logits, jacobian = logit_jacobian(model, room.data.features.take(batch))
         flips = room.data.flip_probs[batch].numpy().astype(np.float64)
         slope_0, slope_1 = loss_slopes(logits, flips, correction=setting.correction)
         count = attacks.positive_count(float(received[bias_index]), grad_if_negative=slope_0, grad_if_positive=slope_1)
         counts_exact.append(round(count) == int(room.data.noisy_labels[batch].sum()))
-        coefficients = (
-            attacks.least_squares_coefficients(received.astype(np.float64), jacobian.astype(np.float64))
-            if len(batch) < length
+        label_scores = (
+            attacks.label_scores_from_coefficients(
+                attacks.least_squares_coefficients(received.astype(np.float64), jacobian.astype(np.float64)),
+                grad_if_negative=slope_0,
+                grad_if_positive=slope_1,
+            )
+            if len(batch) < length  # otherwise the system is underdetermined: the attack does not apply
             else None
         )
-        expected_noisy = flips + (1 - 2 * flips) / (1 + np.exp(-logits))  # E[ỹ] from the model, per member
+        expected_noisy = flips + (1 - 2 * flips) / (1 + np.exp(-logits))  # E[ỹ] of each member, from the model
         positions = {int(row): i for i, row in enumerate(batch.tolist())}
         norm = float(attacks.norm_scores(received[None])[0])
         for number, row in enumerate(room.canaries.rows.tolist()):
             i = positions.get(row)
             if i is None:
                 continue
-            reference = jacobian[i] * slope_1[i]  # the canary's gradient if it were positive
-            canary_keys.append((room.clean_room_id, number))
-            scores["norm"].append([norm])
-            scores["direction"].append([float(attacks.direction_scores(received[None], reference[None])[0])])
-            scores["positive_count"].append([count - (expected_noisy.sum() - expected_noisy[i])])
-            if coefficients is not None:
-                label_score = attacks.label_scores_from_coefficients(
-                    coefficients[i : i + 1], grad_if_negative=slope_0[i : i + 1], grad_if_positive=slope_1[i : i + 1]
-                )
-                scores["least_squares"].append([float(label_score[0])])
-            else:
-                scores["least_squares"].append([math.nan])
-    return _score(setting, rooms, canary_keys, scores, counts_exact, result, confidence=confidence, seed=seed)
+            reference = jacobian[i] * slope_1[i]  # the canary's own gradient, were it positive
+            entry = scores.setdefault((room.clean_room_id, number), {name: [] for name in ATTACKS})
+            entry["norm"].append(norm)
+            entry["direction"].append(float(attacks.direction_scores(received[None], reference[None])[0]))
+            entry["positive_count"].append(count - (expected_noisy.sum() - expected_noisy[i]))
+            entry["least_squares"].append(math.nan if label_scores is None else float(label_scores[i]))
+    return _score(setting, rooms, scores, counts_exact, result, confidence=confidence, seed=seed)
 
 
-def _score(setting, rooms, canary_keys, scores, counts_exact, result, *, confidence: float, seed: int) -> dict:
-    labels = np.array([rooms[k].canaries.labels[n] for k, n in canary_keys], dtype=np.int8)
+def _score(
+    setting: AuditSetting,
+    rooms: dict[int, _Room],
+    scores: dict[tuple[int, int], dict[str, list[float]]],
+    counts_exact: list[bool],
+    result: dict,
+    *,
+    confidence: float,
+    seed: int,
+) -> dict:
+    """Each canary's score is the mean over the payloads it was in (one, without DP-SGD's Poisson sampling)."""
+    keys = sorted(scores)
+    labels = np.array([rooms[k].canaries.labels[n] for k, n in keys], dtype=np.int8)
     bound = label_dp_auc_bound(epsilon=setting.epsilon)
     figures: dict[str, dict] = {}
     passed = True
     for name in ATTACKS:
-        values = np.array([s[0] for s in scores[name]], dtype=np.float64)
+        values = np.array([np.mean(scores[key][name]) for key in keys], dtype=np.float64)
         if values.size == 0 or np.isnan(values).all():
             figures[name] = {"applicable": False, "reason": "batch not smaller than the adapter parameter count"}
             continue

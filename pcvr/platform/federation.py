@@ -93,7 +93,7 @@ class PayloadRecorder:
             directory.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, round_: int, node_id: int, direction: str, message: Message) -> None:
-        if self.directory is not None:
+        if self.directory is not None and message.has_content():  # an error reply has no payload
             path = self.directory / f"r{round_:05d}-n{node_id}.{direction}"
             path.write_bytes(record_to_bytes(message.content))
 

@@ -78,7 +78,8 @@ def test_least_squares_recovers_the_noisy_labels_when_the_batch_is_smaller_than_
 
 def test_a_blind_audit_says_it_is_broken(spec: SimulationSpec) -> None:
     """Control: if the attacks cannot see labels even unprotected, the report must fail and say so."""
-    blind = dataclasses.replace(control_setting(canaries_per_room=12), dp_noise_multiplier=50.0)
+    # every canary in one DP-SGD batch drowned in noise: nothing can be read per canary
+    blind = dataclasses.replace(control_setting(canaries_per_room=12), batch_size=12, dp_noise_multiplier=50.0)
     report = run_audit(spec, settings=[], control=blind, seed=2)
     assert report["passed"] is False and report["control"]["passed"] is False
     assert report["control"]["verdict"].startswith("AUDIT BROKEN")
