@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=0.02, help="platform Adam peak step (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=25, help="(default: %(default)s)")
     parser.add_argument(
-        "--codec", default="topk:0.05+q4", help="gradient compression: none, q8, q4, topk:F[+q8|+q4] (default: %(default)s)"
+        "--codec", default="q8", help="gradient compression: none, q8, q4, topk:F[+q8|+q4] (default: %(default)s)"
     )
     parser.add_argument("--downstream-codec", default="q8", help="compression of weight deltas (default: %(default)s)")
     parser.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="DP-SGD σ in the clean rooms (0: off)")
@@ -115,12 +116,15 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    import math
-
     from pcvr.audit.harness import AuditSetting, control_setting, format_audit, run_audit
 
     spec = _spec(args)
-    batch = args.audit_batch_size or spec.min_batch_size
+    if spec.dp_target_epsilon:
+        raise ValueError("pcvr audit takes DP-SGD as --dp-noise-multiplier (the σ it audits), not --dp-target-epsilon")
+    for name in ("canaries", "canaries_per_batch", "control_canaries"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    batch = spec.min_batch_size if args.audit_batch_size is None else args.audit_batch_size
     setting = AuditSetting(
         name=f"eps={spec.epsilon:g},b={batch},{spec.codec}" + (f",dp={spec.dp_noise_multiplier:g}" if spec.dp_noise_multiplier else ""),
         epsilon=spec.epsilon,
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         status = args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
         print(f"pcvr: error: {exc}", file=sys.stderr)
         return 2
     return status or 0

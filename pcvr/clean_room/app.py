@@ -15,7 +15,9 @@ error-feedback residual and compress → reply.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,17 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from pcvr.clean_room.dataset import load_training_data
 from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch, private_batch_gradient
-from pcvr.clean_room.session import RoomState, load_state, save_state, weights_for
+from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
 from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts, set_adapter_vector
-from pcvr.protocols.codecs import compress_with_feedback
-from pcvr.protocols.messages import Binding, LedgerIns, LedgerReply, TrainIns, TrainReply
+from pcvr.protocols.codecs import decode, encode
+from pcvr.protocols.messages import LedgerIns, LedgerReply, ProtocolError, TrainIns, TrainReply
 from pcvr.protocols.run_config import RunConfig
 
 __all__ = ["app", "make_client_app", "clean_room_dir", "dp_sgd_config", "batches_dir"]
@@ -41,7 +43,13 @@ __all__ = ["app", "make_client_app", "clean_room_dir", "dp_sgd_config", "batches
 CLEAN_ROOM_ID = "clean-room-id"
 CLEAN_ROOM_DIR = "clean-room-dir"
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
-_DP_KEYS = ("dp-noise-multiplier", "dp-target-epsilon", "dp-clip-norm", "dp-delta")
+_DP_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name.startswith("dp_"))
+ACCOUNTANT_FILE = "dp_accountant.json"
+ERROR_REJECTED = 1  # Flower error codes of this app's replies
+ERROR_FAILED = 2
+FAILED_REASON = "the clean room could not compute this round; the details stay in its own log"
+
+log = logging.getLogger(__name__)
 
 
 def clean_room_dir(data_dir: Path, clean_room_id: int) -> Path:
@@ -89,11 +97,72 @@ def _node_facts(node_config: Mapping[str, object], config: RunConfig) -> _Node:
 
 
 def _accountant(node: _Node, config: RunConfig, run_id: int) -> PrivacyAccountant:
-    return PrivacyAccountant(node.directory / config.label_set / "dp_accountant.json", run_key=str(run_id))
+    """One file per clean room: every run on its rows composes, whatever its label set."""
+    return PrivacyAccountant(node.directory / ACCOUNTANT_FILE, run_key=f"{config.label_set}/run-{run_id}")
+
+
+@dataclass(frozen=True)
+class _Released:
+    """What may leave the clean room for one round."""
+
+    adapter_grad: np.ndarray
+    num_examples: int
+    loss: float | None
+    noise_multiplier: float | None
+
+
+def _released_gradient(
+    model: torch.nn.Module, node: _Node, config: RunConfig, ins: TrainIns, room: RoomState, *, run_id: int
+) -> tuple[_Released, torch.Tensor]:
+    """The round's batch gradient as it may leave, and the rows it was computed on (which stay)."""
+    data = load_training_data(
+        node.directory / config.label_set / "train.parquet",
+        num_categorical=len(schema.CATEGORICAL_FIELDS),
+        num_dense=len(schema.DENSE_FIELDS),
+    )
+    round_ = ins.binding.round
+    if node.dp is None:
+        index = batch_indices(
+            len(data), round_=round_, batch_size=ins.batch_size, seed=config.seed, clean_room_id=node.clean_room_id
+        )
+        grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=ins.min_batch_size)
+        return _Released(grad.adapter_grad, grad.num_examples, grad.loss, None), index
+    # DP-SGD: Poisson sampling from fresh entropy (what the accountant assumes, unknown to the
+    # platform); the floor applies to the expected batch size, which is all that is reported.
+    sample_rate = min(1.0, ins.batch_size / len(data))
+    expected = round(sample_rate * len(data))
+    if expected < ins.min_batch_size:
+        raise ValueError(f"expected DP-SGD batch {expected} is below min_batch_size={ins.min_batch_size}")
+    accountant = _accountant(node, config, run_id)
+    if node.dp.target_epsilon is not None and accountant.steps >= config.num_rounds:
+        raise ValueError(f"DP-SGD budget spent: {accountant.steps} steps of the {config.num_rounds} it was set for")
+    sigma = room.noise_multiplier
+    if sigma is None:
+        sigma = noise_multiplier_for(node.dp, sample_rate=sample_rate, steps=config.num_rounds)
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    index = poisson_batch(len(data), sample_rate=sample_rate, generator=generator)
+    grad = private_batch_gradient(
+        model,
+        data,
+        index,
+        correction=ins.correction,
+        min_batch_size=0,
+        clip_norm=node.dp.clip_norm,
+        noise_multiplier=sigma,
+        generator=generator,
+    )
+    accountant.record_step(noise_multiplier=sigma, sample_rate=sample_rate)  # before anything leaves
+    return _Released(grad.adapter_grad, expected, None, sigma), index
 
 
 def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
-    """A ClientApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``."""
+    """A ClientApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``.
+
+    Whatever goes wrong inside the clean room is logged there; the platform gets only a
+    fixed reason (an exception's text could carry paths or, under DP-SGD, exact counts).
+    A malformed instruction is answered with the protocol's reason, which is about the
+    platform's own message.
+    """
     defaults = dict(defaults or {})
     client_app = ClientApp()
 
@@ -105,60 +174,55 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
         model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
         length = parameter_counts(model)["adapters"]
         room = load_state(context.state, length=length)
-        ins = TrainIns.from_record(
-            msg.content,
-            run_id=context.run_id,
-            node_id=context.node_id,
-            last_round=room.last_round,
-            num_adapter_params=length,
-            max_bytes=config.max_message_bytes,
-        )
-        weights = weights_for(room, ins, length=length)
-        set_adapter_vector(model, torch.from_numpy(weights))
-        data = load_training_data(
-            node.directory / config.label_set / "train.parquet",
-            num_categorical=len(schema.CATEGORICAL_FIELDS),
-            num_dense=len(schema.DENSE_FIELDS),
-        )
+        try:
+            ins = TrainIns.from_record(
+                msg.content,
+                run_id=context.run_id,
+                node_id=context.node_id,
+                last_round=room.last_round,
+                num_adapter_params=length,
+                max_bytes=config.max_message_bytes,
+            )
+            weights = weights_for(room, ins, length=length)
+        except ProtocolError as exc:
+            log.warning("clean room %d: instruction rejected: %s", node.clean_room_id, exc)
+            return Message(error=Error(code=ERROR_REJECTED, reason=f"instruction rejected: {exc}"), reply_to=msg)
         round_ = ins.binding.round
-        if node.dp is None:
-            index = batch_indices(
-                len(data), round_=round_, batch_size=ins.batch_size, seed=config.seed, clean_room_id=node.clean_room_id
-            )
-            grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=ins.min_batch_size)
-            num_examples, loss = grad.num_examples, grad.loss
-        else:
-            # Poisson sampling from fresh entropy: the sampling the accountant assumes, unknown to the platform.
-            sample_rate = min(1.0, ins.batch_size / len(data))
-            noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
-            index = poisson_batch(len(data), sample_rate=sample_rate, generator=noise_generator)
-            sigma = noise_multiplier_for(node.dp, sample_rate=sample_rate, steps=config.num_rounds)
-            grad = private_batch_gradient(
-                model,
-                data,
-                index,
-                correction=ins.correction,
-                min_batch_size=ins.min_batch_size,
-                clip_norm=node.dp.clip_norm,
-                noise_multiplier=sigma,
-                generator=noise_generator,
-            )
-            _accountant(node, config, context.run_id).record_step(noise_multiplier=sigma, sample_rate=sample_rate)
-            # Only the noised sum leaves: the expected batch size, not the sampled count; no loss.
-            num_examples, loss = ins.batch_size, None
+        residual = carried_residual(room, ins, length=length)
+        # From here the round is spent: even if it fails, the same instruction is never served again.
+        save_state(context.state, dataclasses.replace(room, last_round=round_, residual=residual, pending=None))
+        try:
+            set_adapter_vector(model, torch.from_numpy(weights))
+            released, index = _released_gradient(model, node, config, ins, room, run_id=context.run_id)
+        except Exception:  # noqa: BLE001 - the detail stays in the clean room's log
+            log.exception("clean room %d: round %d failed", node.clean_room_id, round_)
+            return Message(error=Error(code=ERROR_FAILED, reason=FAILED_REASON), reply_to=msg)
         if config.record_payloads:
             directory = batches_dir(node.directory, label_set=config.label_set, run_id=context.run_id)
             directory.mkdir(parents=True, exist_ok=True)
             np.save(directory / f"r{round_:05d}.npy", index.numpy())
-        quantizer = np.random.default_rng(np.random.SeedSequence([config.seed, node.clean_room_id, round_, 2]))
-        residual = room.residual if room.residual is not None else np.zeros(length, dtype=np.float32)
-        frame, residual = compress_with_feedback(grad.adapter_grad, residual, config.codec, generator=quantizer)
+        quantizer = np.random.default_rng(secrets.randbits(128))  # rounding draws the platform cannot know
+        corrected = released.adapter_grad + residual
+        frame = encode(corrected, config.codec, generator=quantizer)
+        sent = decode(frame, config.codec, length=length)
         save_state(
             context.state,
-            RoomState(held_round=round_, last_round=round_, weights=weights, residual=residual),
+            RoomState(
+                held_round=round_,
+                last_round=round_,
+                weights=weights,
+                residual=corrected - sent,
+                pending=sent,
+                noise_multiplier=released.noise_multiplier,
+            ),
         )
         reply = TrainReply(
-            binding=ins.binding, codec=config.codec, size=length, grad=frame, num_examples=num_examples, loss=loss
+            binding=ins.binding,
+            codec=config.codec,
+            size=length,
+            grad=frame,
+            num_examples=released.num_examples,
+            loss=released.loss,
         )
         return Message(reply.to_record(), reply_to=msg)
 
@@ -166,16 +230,24 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         config = RunConfig.from_run_config({**defaults, **context.run_config})
         node = _node_facts(context.node_config, config)
-        ins = LedgerIns.from_record(
-            msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes
-        )
-        ledger = privacy_ledger(node, config, run_id=context.run_id, rounds_served=load_state(context.state, length=None).last_round)
+        try:
+            ins = LedgerIns.from_record(
+                msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes
+            )
+        except ProtocolError as exc:
+            return Message(error=Error(code=ERROR_REJECTED, reason=f"query rejected: {exc}"), reply_to=msg)
+        try:
+            served = load_state(context.state, length=None).last_round
+            ledger = privacy_ledger(node, config, run_id=context.run_id, rounds_served=served)
+        except Exception:  # noqa: BLE001
+            log.exception("clean room %d: ledger failed", node.clean_room_id)
+            return Message(error=Error(code=ERROR_FAILED, reason=FAILED_REASON), reply_to=msg)
         return Message(LedgerReply(binding=ins.binding, ledger=ledger).to_record(), reply_to=msg)
 
     return client_app
 
 
-def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int, rounds_served: int) -> dict:
+def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int, rounds_served: int) -> dict[str, object]:
     """What protected this clean room's records in run ``run_id``."""
     label_ledger = json.loads((node.directory / config.label_set / "ledger.json").read_text())
     label_ledger.pop("source", None)  # a path inside the advertiser's premises

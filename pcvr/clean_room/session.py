@@ -5,7 +5,10 @@
 * the newest round it served (an instruction for that round or an older one is a
   replay and is refused);
 * the error-feedback residual: what the gradient codec dropped so far, added to the
-  next gradient before it is compressed, so it is sent later rather than lost.
+  next gradient before it is compressed, so it is sent later rather than lost; and
+  what the last reply carried, until the next instruction shows whether the platform
+  applied it (a delta against that round) or not (full weights: it is added back);
+* the DP-SGD noise multiplier of this run, once derived.
 
 The state stays on the clean room's node; nothing of it crosses.
 """
@@ -19,14 +22,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from pcvr.protocols.messages import ProtocolError, TrainIns
 
-__all__ = ["RoomState", "load_state", "save_state", "weights_for"]
+__all__ = ["RoomState", "load_state", "save_state", "weights_for", "carried_residual"]
 
 _ARRAYS = "pcvr.clean-room.arrays"
 _ROUNDS = "pcvr.clean-room.rounds"
 _WEIGHTS = "weights"
 _RESIDUAL = "residual"
+_PENDING = "pending"
 _HELD = "held-round"
 _LAST = "last-round"
+_SIGMA = "noise-multiplier"
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class RoomState:
     last_round: int = 0
     weights: np.ndarray | None = None
     residual: np.ndarray | None = None
+    pending: np.ndarray | None = None  # the decoded gradient of the reply for held_round
+    noise_multiplier: float | None = None
 
 
 def load_state(state: RecordDict, *, length: int | None) -> RoomState:
@@ -45,12 +52,18 @@ def load_state(state: RecordDict, *, length: int | None) -> RoomState:
     if _ROUNDS not in state:
         return RoomState()
     rounds, arrays = state[_ROUNDS], state[_ARRAYS]
-    weights, residual = (arrays[key].numpy() if key in arrays else None for key in (_WEIGHTS, _RESIDUAL))
-    for name, value in ((_WEIGHTS, weights), (_RESIDUAL, residual)):
+    weights, residual, pending = (arrays[key].numpy() if key in arrays else None for key in (_WEIGHTS, _RESIDUAL, _PENDING))
+    for value in (weights, residual, pending):
         if value is not None and length is not None and value.shape != (length,):
             return RoomState()  # a state from another model: start over (the platform resends in full)
+    sigma = rounds.get(_SIGMA)
     return RoomState(
-        held_round=int(rounds[_HELD]), last_round=int(rounds[_LAST]), weights=weights, residual=residual
+        held_round=int(rounds[_HELD]),
+        last_round=int(rounds[_LAST]),
+        weights=weights,
+        residual=residual,
+        pending=pending,
+        noise_multiplier=None if sigma is None else float(sigma),
     )
 
 
@@ -60,8 +73,25 @@ def save_state(state: RecordDict, room: RoomState) -> None:
         arrays[_WEIGHTS] = Array(np.ascontiguousarray(room.weights, dtype=np.float32))
     if room.residual is not None:
         arrays[_RESIDUAL] = Array(np.ascontiguousarray(room.residual, dtype=np.float32))
+    if room.pending is not None:
+        arrays[_PENDING] = Array(np.ascontiguousarray(room.pending, dtype=np.float32))
     state[_ARRAYS] = ArrayRecord(arrays)
-    state[_ROUNDS] = ConfigRecord({_HELD: room.held_round, _LAST: room.last_round})
+    rounds: dict[str, int | float] = {_HELD: room.held_round, _LAST: room.last_round}
+    if room.noise_multiplier is not None:
+        rounds[_SIGMA] = room.noise_multiplier
+    state[_ROUNDS] = ConfigRecord(rounds)
+
+
+def carried_residual(room: RoomState, ins: TrainIns, *, length: int) -> np.ndarray:
+    """The error-feedback residual to add to this round's gradient.
+
+    If the last reply was not applied by the platform (its next instruction carries
+    full weights instead of a delta against that round), what it carried is added back.
+    """
+    residual = room.residual if room.residual is not None else np.zeros(length, dtype=np.float32)
+    if room.pending is not None and ins.base_round != room.held_round:
+        residual = residual + room.pending
+    return residual
 
 
 def weights_for(room: RoomState, ins: TrainIns, *, length: int) -> np.ndarray:

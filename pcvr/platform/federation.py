@@ -37,11 +37,20 @@ from pcvr.protocols.messages import (
 )
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["Holdout", "wire_bytes", "PayloadRecorder", "receive_replies", "apply_round", "run_federated_training"]
+__all__ = [
+    "Holdout",
+    "wire_bytes",
+    "PayloadRecorder",
+    "receive_replies",
+    "apply_round",
+    "run_federated_training",
+    "collect_ledgers",
+]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.01
 _NODE_WAIT_S = 120.0
+MAX_EMPTY_ROUNDS = 3  # consecutive rounds without a valid reply before the run is abandoned
 
 
 @dataclass(frozen=True)
@@ -169,7 +178,8 @@ def run_federated_training(
     record = PayloadRecorder(config.run_dir / "wire" if config.record_payloads else None)
     run_log = RunLog()
     train_s = 0.0  # wall time of the rounds themselves, evaluation excluded
-    for round_ in range(trainer.steps + 1, config.num_rounds + 1):
+    empty_rounds = 0
+    for round_ in range(1, config.num_rounds + 1):
         started = time.monotonic()
         weights = trainer.adapter_weights()
         expected = {node: Binding(run_id=run_id, round=round_, node_id=node) for node in nodes}
@@ -200,8 +210,14 @@ def run_federated_training(
                 downlink.acknowledge(node, round_=round_)
             else:
                 downlink.forget(node)
+        empty_rounds = 0 if accepted else empty_rounds + 1
+        if empty_rounds >= MAX_EMPTY_ROUNDS:
+            raise RuntimeError(
+                f"round {round_}: no valid reply for {empty_rounds} rounds in a row "
+                f"(last: {len(replies)} received, all rejected; see the rejections in the log)"
+            )
         if not accepted:
-            raise RuntimeError(f"round {round_}: no valid reply ({len(replies)} received, all rejected)")
+            log.warning("round %d: no valid reply; no step this round", round_)
         examples = [reply.num_examples for reply in accepted.values()]
         trainer.checkpoint(config.run_dir / "checkpoint.pt")
         losses = [(r.loss, r.num_examples) for r in accepted.values() if r.loss is not None]

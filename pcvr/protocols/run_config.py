@@ -59,7 +59,7 @@ class RunConfig:
     learning_rate: float = 0.02
     eval_every: int = 25
     seed: int = 0
-    codec: Codec = Codec.parse("topk:0.05+q4")
+    codec: Codec = Codec.parse("q8")
     downstream_codec: Codec = Codec.parse("q8")
     max_message_bytes: int = 1 << 20
     record_payloads: bool = False

@@ -51,7 +51,7 @@ def test_control_sees_every_label_when_nothing_protects_it(report: dict) -> None
     control = report["control"]
     assert control["passed"] and control["canaries_scored"] == 90 and control["payloads"] == 90
     assert control["attacks"]["norm"]["auc"]["value"] >= 0.9
-    assert control["attacks"]["positive_count"]["count_exact"]["value"] == 1.0
+    assert control["attacks"]["count_exact"]["value"] == 1.0
     assert control["attacks"]["least_squares"]["auc"]["value"] == 1.0
     assert "see the labels" in control["verdict"]
 
@@ -61,7 +61,8 @@ def test_attacks_stay_within_the_label_dp_bound(report: dict) -> None:
     bound = label_dp_auc_bound(epsilon=3.0)
     assert dense["auc_bound"] == pytest.approx(bound)
     assert dense["canaries_scored"] == 180  # one epoch: every canary in exactly one batch
-    for name, figures in dense["attacks"].items():
+    for name in ("norm", "direction", "positive_count", "least_squares"):
+        figures = dense["attacks"][name]
         assert figures["auc"]["low"] <= bound, name
         assert figures["epsilon_lower_bound"] <= 3.0, name
     assert dense["passed"] and compressed["passed"] and report["passed"]
@@ -78,8 +79,8 @@ def test_least_squares_recovers_the_noisy_labels_when_the_batch_is_smaller_than_
 
 def test_a_blind_audit_says_it_is_broken(spec: SimulationSpec) -> None:
     """Control: if the attacks cannot see labels even unprotected, the report must fail and say so."""
-    # every canary in one DP-SGD batch drowned in noise: nothing can be read per canary
-    blind = dataclasses.replace(control_setting(canaries_per_room=12), batch_size=12, dp_noise_multiplier=50.0)
+    # batch 1 as in the real control, but every gradient drowned in DP-SGD noise (σ = 50)
+    blind = dataclasses.replace(control_setting(canaries_per_room=20), dp_noise_multiplier=50.0)
     report = run_audit(spec, settings=[], control=blind, seed=2)
     assert report["passed"] is False and report["control"]["passed"] is False
     assert report["control"]["verdict"].startswith("AUDIT BROKEN")
@@ -100,7 +101,7 @@ def test_report_is_one_json_line_from_the_cli(spec: SimulationSpec, report: dict
     parsed = json.loads(line)
     assert status == (0 if parsed["passed"] else 1)
     assert parsed["control"]["passed"] is True
-    assert set(parsed["control"]["attacks"]) == {"norm", "direction", "positive_count", "least_squares"}
+    assert set(parsed["control"]["attacks"]) == {"norm", "direction", "positive_count", "least_squares", "count_exact"}
     assert json.loads((spec.work_dir / "audit.json").read_text()) == parsed
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from pcvr.clean_room.session import RoomState, load_state, save_state, weights_for
+from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.protocols.codecs import Codec, encode
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import Binding, ProtocolError, TrainIns
@@ -71,3 +71,21 @@ def test_delta_that_overflows_to_infinity_is_refused() -> None:
     room = RoomState(held_round=1, last_round=1, weights=np.full(LENGTH, 3e38, dtype=np.float32))
     with pytest.raises(ProtocolError, match="infinite"):
         weights_for(room, instruction(round_=2, base_round=1, delta=np.full(LENGTH, 3e38, dtype=np.float32)), length=LENGTH)
+
+
+def test_a_reply_the_platform_did_not_apply_is_added_back_to_the_residual() -> None:
+    """Error feedback survives a rejected or lost reply: the next instruction's base tells which."""
+    room = RoomState(held_round=3, last_round=3, weights=vector(0), residual=vector(1), pending=vector(2))
+    acknowledged = instruction(round_=4, base_round=3, delta=vector(3))
+    np.testing.assert_array_equal(carried_residual(room, acknowledged, length=LENGTH), vector(1))
+    forgotten = instruction(round_=4, base_round=0, delta=vector(3))  # the platform resends in full
+    np.testing.assert_allclose(carried_residual(room, forgotten, length=LENGTH), vector(1) + vector(2))
+    assert not carried_residual(RoomState(), forgotten, length=LENGTH).any()
+
+
+def test_state_keeps_pending_and_the_noise_multiplier() -> None:
+    state = RecordDict()
+    save_state(state, RoomState(held_round=2, last_round=2, pending=vector(5), noise_multiplier=1.25))
+    back = load_state(state, length=LENGTH)
+    np.testing.assert_array_equal(back.pending, vector(5))
+    assert back.noise_multiplier == 1.25

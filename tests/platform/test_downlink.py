@@ -80,3 +80,27 @@ def test_acknowledging_a_round_that_was_not_sent_is_an_error() -> None:
         downlink.acknowledge(1, round_=2)
     with pytest.raises(ValueError, match="shape"):
         downlink.prepare(1, round_=2, weights=weights(0)[:-1])
+
+
+def test_the_clean_rooms_own_path_reproduces_the_mirror_bit_for_bit() -> None:
+    """Through the real message and the clean room's weights_for, not a re-implementation."""
+    from pcvr.clean_room.session import RoomState, weights_for
+    from pcvr.protocols.label_dp import Correction
+    from pcvr.protocols.messages import Binding, TrainIns
+
+    downlink = Downlink(Codec.parse("topk:0.2+q4"), length=LENGTH, seed=0)
+    room, current, rng = RoomState(), weights(0), np.random.default_rng(3)
+    for round_ in range(1, 30):
+        current = current + 0.05 * rng.normal(size=LENGTH).astype(np.float32)
+        out = downlink.prepare(5, round_=round_, weights=current)
+        record = TrainIns(
+            binding=Binding(run_id=1, round=round_, node_id=5), base_round=out.base_round, codec=out.codec,
+            size=LENGTH, weights=out.frame, batch_size=8, min_batch_size=8, correction=Correction.FORWARD,
+        ).to_record()
+        ins = TrainIns.from_record(
+            record, run_id=1, node_id=5, last_round=round_ - 1, num_adapter_params=LENGTH, max_bytes=1 << 20
+        )
+        held = weights_for(room, ins, length=LENGTH)
+        room = RoomState(held_round=round_, last_round=round_, weights=held)
+        downlink.acknowledge(5, round_=round_)
+        assert held.tobytes() == downlink.held(5)[1].tobytes()

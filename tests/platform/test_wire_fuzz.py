@@ -12,6 +12,8 @@ state must be byte-identical afterwards, and every rejection must say why.
 from __future__ import annotations
 
 import collections
+import math
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,7 +28,7 @@ from pcvr.models.cvr import CVRNet, ModelConfig
 from pcvr.platform.federation import apply_round
 from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols import messages
-from pcvr.protocols.codecs import Codec, encode
+from pcvr.protocols.codecs import Codec, Quantization, encode
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import (
     SECTION,
@@ -132,14 +134,17 @@ class ReplyFuzzer:
         bad = float(self.rng.choice([np.nan, np.inf, -np.inf]))
         if self.rng.random() < 0.2:
             return resealed(self.record, loss=bad)
-        if self.codec.is_identity:
-            raw = np.frombuffer(self.frame, dtype="<f4").copy()
-            raw[self.rng.integers(0, self.length, size=int(self.rng.integers(1, 4)))] = bad
-            return resealed(self.record, grad=raw.tobytes())
-        # a quantized frame: overwrite 4 aligned bytes somewhere with a non-finite float32
+        # overwrite a float32 of the frame: a value (dense) or a per-block scale (quantized)
+        kept = self.codec.kept(self.length)
+        if self.codec.quantization is Quantization.NONE:
+            start, count = len(self.frame) - 4 * kept, kept
+        else:
+            values = kept if self.codec.quantization is Quantization.Q8 else (kept + 1) // 2
+            count = math.ceil(kept / self.codec.block_size)
+            start = len(self.frame) - values - 4 * count
         data = bytearray(self.frame)
-        start = int(self.rng.integers(0, max(1, len(data) - 4)))
-        data[start : start + 4] = np.float32(bad).tobytes()
+        at = start + 4 * int(self.rng.integers(0, count))
+        data[at : at + 4] = np.float32(bad).tobytes()
         return resealed(self.record, grad=bytes(data))
 
     def oversized(self) -> RecordDict:
@@ -173,6 +178,17 @@ class ReplyFuzzer:
         if self.rng.random() < 0.5:
             return resealed(self.record, drop=(key,))
         return resealed(self.record, **{f"x-{key}": 1})
+
+    # what the rejection must say, for mutations made by a sender that recomputes the digest
+    REASONS = {
+        "wrong shape": r"adapter gradient has \d+ entries; expected \d+",
+        "wrong dtype": r"must be bytes|must be an integer|loss must be a finite float|adapter gradient \(",
+        "NaN/inf": r"is nan|is inf|is -inf|must be finite|loss must be a finite float",
+        "oversized": r"bytes; the limit is",
+        "wrong version": r"protocol version|digest does not match",
+        "replayed or misbound": r"stale or replayed|bound to run|bound to node",
+        "unknown or missing keys": r"unexpected keys|missing keys",
+    }
 
     def kinds(self) -> dict[str, tuple[Callable[[], bytes | RecordDict], int]]:
         return {
@@ -224,6 +240,8 @@ def reject_all(trainer: AdapterTrainer, codec: Codec, rng: np.random.Generator) 
         accepted, rejected = apply_round(trainer, [reply_message(content)], round_=ROUND, expected=expected, config=config)
         assert not accepted, f"{kind}: a mutated reply was accepted"
         assert len(rejected) == 1 and len(rejected[0]["reason"]) > 10, (kind, rejected)
+        pattern = ReplyFuzzer.REASONS.get(kind)
+        assert pattern is None or re.search(pattern, rejected[0]["reason"]), (kind, rejected[0]["reason"])
         counts[kind] += 1
     assert snapshot(trainer) == before, "the model changed"
     return counts
@@ -234,6 +252,7 @@ def test_every_mutated_reply_is_rejected_and_the_model_is_untouched(codec: str) 
     trainer = make_trainer()
     trainer.step(np.random.default_rng(1).normal(size=trainer.num_adapter_params).astype(np.float32))  # Adam has state
     counts = reject_all(trainer, Codec.parse(codec), np.random.default_rng(2))
+    assert counts == {kind: count for kind, (_, count) in ReplyFuzzer(Codec.parse(codec), 10, np.random.default_rng(0)).kinds().items()}
     assert sum(counts.values()) == 5200  # two codecs: 10,400 mutated replies in all
 
 

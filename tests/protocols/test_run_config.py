@@ -34,7 +34,7 @@ def test_round_trip_every_field_changed():
         learning_rate=0.5,
         eval_every=1,
         seed=42,
-        codec=Codec.parse("q8"),
+        codec=Codec.parse("topk:0.05+q4"),
         downstream_codec=Codec.parse("none"),
         max_message_bytes=4096,
         record_payloads=True,
@@ -50,7 +50,7 @@ def test_round_trip_every_field_changed():
     assert set(flat) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
     assert all(isinstance(v, (str, int, float)) for v in flat.values())
     assert flat["correction"] == "backward" and flat["data-dir"] == "/data/world"
-    assert flat["codec"] == "q8" and flat["record-payloads"] is True
+    assert flat["codec"] == "topk:0.05+q4" and flat["record-payloads"] is True
     assert RunConfig.from_run_config(flat) == config
     # what `flwr run --run-config` hands over for strings and booleans
     assert RunConfig.from_run_config({**flat, "record-payloads": "false"}).record_payloads is False
