@@ -112,17 +112,25 @@ def direction_scores(grads: np.ndarray, references: np.ndarray) -> np.ndarray:
     return np.clip(cosines, -1.0, 1.0)
 
 
-def positive_count(bias_grad: float, *, grad_if_negative: np.ndarray, grad_if_positive: np.ndarray) -> float:
+def positive_count(
+    bias_grad: float,
+    *,
+    grad_if_negative: np.ndarray,
+    grad_if_positive: np.ndarray,
+    prior: np.ndarray | None = None,
+) -> float:
     """Number of (noisy-)positive examples in a batch, read off the bias gradient.
 
     The bias gradient is Σ_i c_i(ỹ_i) = Σ_i c_i(0) − Σ_i ỹ_i b_i with
     b_i = c_i(0) − c_i(1) > 0 (module docstring), so
 
-        count ≈ (Σ_i c_i(0) − bias_grad) / mean(b_i).
+        count ≈ (Σ_i c_i(0) − bias_grad) / b̄,
 
-    It is exact when every b_i is equal (plain log loss: b_i = 1; backward
-    correction: b_i = 1 / (1 − 2ρ)) and otherwise off by
-    Σ ỹ_i (b_i − mean b) / mean b (forward correction). This is the leak
+    where b̄ is the mean of b_i, weighted by ``prior`` (each example's
+    probability of a positive label, e.g. from the model) when given: the
+    slope a positive example is expected to have. It is exact when every b_i
+    is equal (plain log loss: b_i = 1; backward correction: b_i = 1 / (1 − 2ρ))
+    and otherwise off by Σ ỹ_i (b_i − b̄) / b̄ (forward correction). This is the leak
     DESIGN.md §2 warns about: batch aggregation does not hide the batch's
     positive count from a platform that can recompute the logits.
 
@@ -130,6 +138,7 @@ def positive_count(bias_grad: float, *, grad_if_negative: np.ndarray, grad_if_po
         bias_grad: the received gradient's bias coordinate, g[-1].
         grad_if_negative: c_i(0) = ∂ℓ/∂z_i if example i's label were 0, shape [B].
         grad_if_positive: c_i(1), shape [B].
+        prior: optional weights in [0, 1], shape [B] (not all zero).
 
     Returns:
         The estimated count, a real number not clipped to [0, B] (compression
@@ -138,7 +147,14 @@ def positive_count(bias_grad: float, *, grad_if_negative: np.ndarray, grad_if_po
     if not np.isfinite(bias_grad):
         raise ValueError(f"bias_grad must be finite; got {bias_grad!r}")
     c_negative, slopes = _label_slopes(grad_if_negative, grad_if_positive)
-    return float((c_negative.sum() - float(bias_grad)) / slopes.mean())
+    if prior is None:
+        slope = slopes.mean()
+    else:
+        weights = _finite_array("prior", prior, ndim=1)
+        if weights.shape != slopes.shape or weights.min() < 0 or weights.max() > 1 or weights.sum() <= 0:
+            raise ValueError(f"prior must be {slopes.shape[0]} weights in [0, 1], not all zero")
+        slope = float(np.dot(weights, slopes) / weights.sum())
+    return float((c_negative.sum() - float(bias_grad)) / slope)
 
 
 def least_squares_coefficients(grad: np.ndarray, jacobian: np.ndarray) -> np.ndarray:

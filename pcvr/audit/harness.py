@@ -248,7 +248,7 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
 
     # (clean room, canary number) → attack → scores of every payload the canary was in
     scores: dict[tuple[int, int], dict[str, list[float]]] = {}
-    counts_exact: list[bool] = []
+    count_errors: list[float] = []  # |estimated − true| noisy positive count, per payload
     for round_, node, weights, received in _replay(run_dir, result["run_id"], length, setting.codec):
         room = rooms[node_room[node]]
         batch_file = batches_dir(
@@ -261,8 +261,11 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
         logits, jacobian = logit_jacobian(model, room.data.features.take(batch))
         flips = room.data.flip_probs[batch].numpy().astype(np.float64)
         slope_0, slope_1 = loss_slopes(logits, flips, correction=setting.correction)
-        count = attacks.positive_count(float(received[bias_index]), grad_if_negative=slope_0, grad_if_positive=slope_1)
-        counts_exact.append(round(count) == int(room.data.noisy_labels[batch].sum()))
+        expected_noisy = flips + (1 - 2 * flips) / (1 + np.exp(-logits))  # E[ỹ] of each member, from the model
+        count = attacks.positive_count(
+            float(received[bias_index]), grad_if_negative=slope_0, grad_if_positive=slope_1, prior=expected_noisy
+        )
+        count_errors.append(abs(count - float(room.data.noisy_labels[batch].sum())))
         label_scores = (
             attacks.label_scores_from_coefficients(
                 attacks.least_squares_coefficients(received.astype(np.float64), jacobian.astype(np.float64)),
@@ -272,7 +275,6 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
             if len(batch) < length  # otherwise the system is underdetermined: the attack does not apply
             else None
         )
-        expected_noisy = flips + (1 - 2 * flips) / (1 + np.exp(-logits))  # E[ỹ] of each member, from the model
         positions = {int(row): i for i, row in enumerate(batch.tolist())}
         norm = float(attacks.norm_scores(received[None])[0])
         for number, row in enumerate(room.canaries.rows.tolist()):
@@ -285,14 +287,14 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
             entry["direction"].append(float(attacks.direction_scores(received[None], reference[None])[0]))
             entry["positive_count"].append(count - (expected_noisy.sum() - expected_noisy[i]))
             entry["least_squares"].append(math.nan if label_scores is None else float(label_scores[i]))
-    return _score(setting, rooms, scores, counts_exact, result, confidence=confidence, seed=seed)
+    return _score(setting, rooms, scores, count_errors, result, confidence=confidence, seed=seed)
 
 
 def _score(
     setting: AuditSetting,
     rooms: dict[int, _Room],
     scores: dict[tuple[int, int], dict[str, list[float]]],
-    counts_exact: list[bool],
+    count_errors: list[float],
     result: dict,
     *,
     confidence: float,
@@ -323,8 +325,11 @@ def _score(
         within = auc.low <= bound and eps_lb <= setting.epsilon
         passed &= within
         figures[name] = {"auc": auc.to_dict(), "epsilon_lower_bound": eps_lb, "within_bound": within}
+    errors = np.array(count_errors)
     figures["count_exact"] = (
-        attack_accuracy(np.array(counts_exact), confidence=confidence).to_dict() if counts_exact else None
+        {**attack_accuracy(errors < 0.5, confidence=confidence).to_dict(), "mean_abs_error": float(errors.mean())}
+        if errors.size
+        else None
     )
     return {
         "setting": setting.name,
@@ -335,7 +340,7 @@ def _score(
         "correction": setting.correction.value,
         "dp_noise_multiplier": setting.dp_noise_multiplier,
         "rounds": setting.rounds,
-        "payloads": len(counts_exact),
+        "payloads": len(count_errors),
         "canaries_scored": int(labels.size),
         "canaries_positive": int(labels.sum()),
         "attacks": figures,
@@ -393,7 +398,10 @@ def format_audit(report: dict) -> str:
             )
         exact = result["attacks"]["count_exact"]
         if exact:
-            lines.append(f"  batch positive count exact in {100 * exact['value']:.1f}% of {exact['n']} batches")
+            lines.append(
+                f"  batch positive count exact in {100 * exact['value']:.1f}% of {exact['n']} batches "
+                f"(mean error {exact['mean_abs_error']:.2f} positives)"
+            )
         lines.append(f"  {'control' if result is report['control'] else 'within bounds'}: {result['passed']}")
         if result is report["control"]:
             lines.append(f"  {result['verdict']}")

@@ -200,3 +200,20 @@ def test_score_functions_validate():
         norm_scores(np.array([[1.0, np.inf]]))
     with pytest.raises(ValueError, match="shape"):
         direction_scores(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_positive_count_weighted_by_a_prior_is_exact_when_positives_share_a_slope() -> None:
+    """Unequal slopes: the unweighted mean is off; weighting by who is likely positive recovers it."""
+    rng = np.random.default_rng(7)
+    labels = np.zeros(200)
+    labels[:20] = 1
+    c0 = rng.uniform(0.01, 0.1, size=200)
+    slopes = np.where(labels == 1, 2.0, rng.uniform(0.2, 0.4, size=200))  # positives' slope differs
+    bias_grad = float(np.sum(c0 - labels * slopes))
+    c1 = c0 - slopes
+    plain = positive_count(bias_grad, grad_if_negative=c0, grad_if_positive=c1)
+    weighted = positive_count(bias_grad, grad_if_negative=c0, grad_if_positive=c1, prior=labels)
+    assert abs(plain - 20) > 5  # the control: the plain estimate is far off here
+    assert weighted == pytest.approx(20, abs=1e-9)
+    with pytest.raises(ValueError, match="prior"):
+        positive_count(bias_grad, grad_if_negative=c0, grad_if_positive=c1, prior=np.zeros(200))
