@@ -38,7 +38,7 @@ from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer, cosine_learning_rate
 from pcvr.protocols.codecs import Codec
-from pcvr.protocols.label_dp import Correction, corrected_loss
+from pcvr.protocols.label_dp import corrected_loss
 from pcvr.simulate import SimulationSpec, prepare, run_setting
 
 

@@ -25,7 +25,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pcvr.advertiser.handoff import hand_off

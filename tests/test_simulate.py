@@ -8,7 +8,6 @@ off, and four settings trained and evaluated on the holdout's true labels.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -32,23 +32,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
 
 from pcvr.audit import attacks
 from pcvr.audit.canaries import CanarySet, plant_canaries
-from pcvr.audit.metrics import attack_auc, attack_accuracy, epsilon_lower_bound, label_dp_auc_bound
+from pcvr.audit.recompute import bias_offset_index, logit_jacobian, loss_slopes
+from pcvr.audit.metrics import (
+    attack_accuracy,
+    attack_auc,
+    auc_lower_limit,
+    epsilon_lower_bound,
+    label_dp_auc_bound,
+)
 from pcvr.clean_room.app import batches_dir, clean_room_dir
 from pcvr.clean_room.dataset import CleanRoomData, load_training_data
 from pcvr.clean_room.session import RoomState, weights_for
 from pcvr.data import schema
 from pcvr.models.cvr import CVRNet, adapter_parameters, attach_adapters, load_backbone, set_adapter_vector
-from pcvr.models.features import EncodedFeatures
 from pcvr.platform.app import backbone_dir
 from pcvr.protocols.codecs import Codec
-from pcvr.protocols.label_dp import Correction, corrected_loss
+from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import Binding, ProtocolError, TrainIns, TrainReply, record_from_bytes
 from pcvr.protocols.keys import load_or_create_secret
-from pcvr.simulate import SimulationSpec, prepare, run_setting, NON_PRIVATE
+from pcvr.simulate import NON_PRIVATE, SimulationSpec, prepare, run_setting
 
 __all__ = ["AuditSetting", "control_setting", "run_audit", "audit_setting", "format_audit"]
 
@@ -109,45 +114,6 @@ def control_setting(*, canaries_per_room: int) -> AuditSetting:
         codec=Codec.parse("none"),
         learning_rate=1e-9,
     )
-
-
-# --- what the attacker recomputes ---------------------------------------------------------------
-
-
-def _bias_offset_index(model: CVRNet) -> int:
-    offset = 0
-    for parameter in adapter_parameters(model):
-        if parameter is model.head.bias_offset:
-            return offset
-        offset += parameter.numel()
-    raise ValueError("the model has no output bias offset")
-
-
-def logit_jacobian(model: CVRNet, features: EncodedFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example logits [B] and their gradients w.r.t. the adapters [B, P] (wire order)."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    def logit(params: dict, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, params, (EncodedFeatures(categorical[None], dense[None]),)).squeeze()
-
-    model.eval()
-    with torch.no_grad():
-        logits = model(features)
-    per_example = vmap(grad(logit), in_dims=(None, 0, 0))(params, features.categorical, features.dense)
-    jacobian = torch.cat([per_example[name].reshape(len(features), -1) for name in names], dim=1)
-    return logits.numpy().astype(np.float64), jacobian.numpy()
-
-
-def loss_slopes(logits: np.ndarray, flip_probs: np.ndarray, *, correction: Correction) -> tuple[np.ndarray, np.ndarray]:
-    """∂ℓ/∂z per example if its noisy label were 0, and if it were 1."""
-    out = []
-    for label in (0.0, 1.0):
-        z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
-        losses = corrected_loss(z, torch.full_like(z, label), torch.tensor(flip_probs, dtype=torch.float64), correction=correction)
-        (slope,) = torch.autograd.grad(losses.sum(), z)
-        out.append(slope.numpy())
-    return out[0], out[1]
 
 
 # --- running a setting ---------------------------------------------------------------------------
@@ -216,10 +182,8 @@ def _replay(run_dir: Path, run_id: int, length: int, codec: Codec):
         yield round_, node, weights, reply.adapter_grad()
 
 
-def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, confidence: float) -> dict:
-    """Plant, run, attack, score one setting; returns its figures."""
-    generator = np.random.default_rng(np.random.SeedSequence([seed, 0xA0D17]))
-    rooms = _plant(spec, setting, generator)
+def _run(spec: SimulationSpec, setting: AuditSetting) -> tuple[dict, dict[int, int]]:
+    """One recorded federated run of ``setting``; returns its result and node id → clean room id."""
     result = run_setting(
         spec,
         name=setting.label_set,
@@ -236,57 +200,76 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
         record_payloads=True,
         **({} if setting.learning_rate is None else {"learning_rate": setting.learning_rate}),
     )
-    run_dir = spec.work_dir / "runs" / setting.label_set
-    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    ledger = json.loads((spec.work_dir / "runs" / setting.label_set / "privacy_ledger.json").read_text())
     missing = {node: entry["error"] for node, entry in ledger["clean_rooms"].items() if "error" in entry}
     if missing:
         raise RuntimeError(f"audit {setting.name}: clean rooms did not report their ledger: {missing}")
-    node_room = {int(node): entry["clean_room_id"] for node, entry in ledger["clean_rooms"].items()}
+    return result, {int(node): entry["clean_room_id"] for node, entry in ledger["clean_rooms"].items()}
+
+
+def _attack_payload(
+    model: CVRNet, room: _Room, batch: torch.Tensor, received: np.ndarray, *, correction: Correction, bias_index: int
+) -> tuple[dict[int, dict[str, float]], float]:
+    """Every attack on one received gradient: canary number → attack → score, and the count's error."""
+    logits, jacobian = logit_jacobian(model, room.data.features.take(batch))
+    flips = room.data.flip_probs[batch].numpy().astype(np.float64)
+    slope_0, slope_1 = loss_slopes(logits, flips, correction=correction)
+    expected_noisy = flips + (1 - 2 * flips) / (1 + np.exp(-logits))  # E[ỹ] of each member, from the model
+    count = attacks.positive_count(
+        float(received[bias_index]), grad_if_negative=slope_0, grad_if_positive=slope_1, prior=expected_noisy
+    )
+    count_error = abs(count - float(room.data.noisy_labels[batch].sum()))
+    label_scores = (
+        attacks.label_scores_from_coefficients(
+            attacks.least_squares_coefficients(received.astype(np.float64), jacobian.astype(np.float64)),
+            grad_if_negative=slope_0,
+            grad_if_positive=slope_1,
+        )
+        if len(batch) < received.size  # otherwise the system is underdetermined: the attack does not apply
+        else None
+    )
+    positions = {int(row): i for i, row in enumerate(batch.tolist())}
+    norm = float(attacks.norm_scores(received[None])[0])
+    scores: dict[int, dict[str, float]] = {}
+    for number, row in enumerate(room.canaries.rows.tolist()):
+        i = positions.get(row)
+        if i is None:
+            continue
+        reference = jacobian[i] * slope_1[i]  # the canary's own gradient, were it positive
+        scores[number] = {
+            "norm": norm,
+            "direction": float(attacks.direction_scores(received[None], reference[None])[0]),
+            "positive_count": count - (expected_noisy.sum() - expected_noisy[i]),
+            "least_squares": math.nan if label_scores is None else float(label_scores[i]),
+        }
+    return scores, count_error
+
+
+def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, confidence: float) -> dict:
+    """Plant, run, attack, score one setting; returns its figures."""
+    rooms = _plant(spec, setting, np.random.default_rng(np.random.SeedSequence([seed, 0xA0D17])))
+    result, node_room = _run(spec, setting)
     model = attach_adapters(load_backbone(backbone_dir(spec.work_dir)), seed=spec.seed)
     length = sum(p.numel() for p in adapter_parameters(model))
-    bias_index = _bias_offset_index(model)
-
-    # (clean room, canary number) → attack → scores of every payload the canary was in
-    scores: dict[tuple[int, int], dict[str, list[float]]] = {}
+    bias_index = bias_offset_index(model)
+    run_dir = spec.work_dir / "runs" / setting.label_set
+    scores: dict[tuple[int, int], dict[str, list[float]]] = {}  # (clean room, canary) → attack → per payload
     count_errors: list[float] = []  # |estimated − true| noisy positive count, per payload
     for round_, node, weights, received in _replay(run_dir, result["run_id"], length, setting.codec):
         room = rooms[node_room[node]]
-        batch_file = batches_dir(
-            clean_room_dir(spec.work_dir, room.clean_room_id), label_set=setting.label_set, run_id=result["run_id"]
-        ) / f"r{round_:05d}.npy"
-        batch = torch.from_numpy(np.load(batch_file))
+        batches = batches_dir(clean_room_dir(spec.work_dir, room.clean_room_id), label_set=setting.label_set, run_id=result["run_id"])
+        batch = torch.from_numpy(np.load(batches / f"r{round_:05d}.npy"))
         if len(batch) == 0:  # an empty Poisson batch under DP-SGD: the payload is noise alone
             continue
         set_adapter_vector(model, torch.from_numpy(weights))
-        logits, jacobian = logit_jacobian(model, room.data.features.take(batch))
-        flips = room.data.flip_probs[batch].numpy().astype(np.float64)
-        slope_0, slope_1 = loss_slopes(logits, flips, correction=setting.correction)
-        expected_noisy = flips + (1 - 2 * flips) / (1 + np.exp(-logits))  # E[ỹ] of each member, from the model
-        count = attacks.positive_count(
-            float(received[bias_index]), grad_if_negative=slope_0, grad_if_positive=slope_1, prior=expected_noisy
+        payload_scores, count_error = _attack_payload(
+            model, room, batch, received, correction=setting.correction, bias_index=bias_index
         )
-        count_errors.append(abs(count - float(room.data.noisy_labels[batch].sum())))
-        label_scores = (
-            attacks.label_scores_from_coefficients(
-                attacks.least_squares_coefficients(received.astype(np.float64), jacobian.astype(np.float64)),
-                grad_if_negative=slope_0,
-                grad_if_positive=slope_1,
-            )
-            if len(batch) < length  # otherwise the system is underdetermined: the attack does not apply
-            else None
-        )
-        positions = {int(row): i for i, row in enumerate(batch.tolist())}
-        norm = float(attacks.norm_scores(received[None])[0])
-        for number, row in enumerate(room.canaries.rows.tolist()):
-            i = positions.get(row)
-            if i is None:
-                continue
-            reference = jacobian[i] * slope_1[i]  # the canary's own gradient, were it positive
+        count_errors.append(count_error)
+        for number, by_attack in payload_scores.items():
             entry = scores.setdefault((room.clean_room_id, number), {name: [] for name in ATTACKS})
-            entry["norm"].append(norm)
-            entry["direction"].append(float(attacks.direction_scores(received[None], reference[None])[0]))
-            entry["positive_count"].append(count - (expected_noisy.sum() - expected_noisy[i]))
-            entry["least_squares"].append(math.nan if label_scores is None else float(label_scores[i]))
+            for name, value in by_attack.items():
+                entry[name].append(value)
     return _score(setting, rooms, scores, count_errors, result, confidence=confidence, seed=seed)
 
 
@@ -300,10 +283,19 @@ def _score(
     confidence: float,
     seed: int,
 ) -> dict:
-    """Each canary's score is the mean over the payloads it was in (one, without DP-SGD's Poisson sampling)."""
+    """Score every attack on the canaries.
+
+    Each canary's score is the mean over the payloads it was in (one, without
+    DP-SGD's Poisson sampling). The pass decision tests each attack at
+    ``confidence`` split over the attacks (Bonferroni): its AUC's lower limit
+    (:func:`auc_lower_limit`, valid for any score distribution) must not exceed
+    the label-DP bound, and its empirical ε lower bound must not exceed ε. The
+    bootstrap interval is reported for reading, at ``confidence``.
+    """
     keys = sorted(scores)
     labels = np.array([rooms[k].canaries.labels[n] for k, n in keys], dtype=np.int8)
     bound = label_dp_auc_bound(epsilon=setting.epsilon)
+    per_attack = 1.0 - (1.0 - confidence) / len(ATTACKS)
     figures: dict[str, dict] = {}
     passed = True
     for name in ATTACKS:
@@ -321,10 +313,17 @@ def _score(
             continue
         generator = np.random.default_rng(np.random.SeedSequence([seed, ATTACKS.index(name)]))
         auc = attack_auc(values, labels, confidence=confidence, generator=generator)
-        eps_lb = epsilon_lower_bound(values, labels, confidence=confidence, generator=generator)
-        within = auc.low <= bound and eps_lb <= setting.epsilon
+        positives = int(labels.sum())
+        limit = auc_lower_limit(auc.value, positives=positives, negatives=labels.size - positives, confidence=per_attack)
+        eps_lb = epsilon_lower_bound(values, labels, confidence=per_attack, generator=generator)
+        within = limit <= bound and eps_lb <= setting.epsilon
         passed &= within
-        figures[name] = {"auc": auc.to_dict(), "epsilon_lower_bound": eps_lb, "within_bound": within}
+        figures[name] = {
+            "auc": auc.to_dict(),
+            "auc_lower_limit": limit,
+            "epsilon_lower_bound": eps_lb,
+            "within_bound": within,
+        }
     errors = np.array(count_errors)
     figures["count_exact"] = (
         {**attack_accuracy(errors < 0.5, confidence=confidence).to_dict(), "mean_abs_error": float(errors.mean())}

@@ -228,3 +228,35 @@ def test_epsilon_lower_bound_validates():
         epsilon_lower_bound(np.arange(4.0), np.array([0, 1, 0, 1]), confidence=0.0, generator=rng)
     with pytest.raises(ValueError, match="empty"):
         epsilon_lower_bound(np.array([]), np.array([]), generator=rng)
+
+
+def test_auc_lower_limit_pinned_and_validated() -> None:
+    from pcvr.audit.metrics import auc_lower_limit
+
+    # 0.9 − z(0.95)·sqrt(0.9·0.1/100) = 0.9 − 1.6449·0.03
+    assert auc_lower_limit(0.9, positives=100, negatives=400, confidence=0.95) == pytest.approx(0.85065, abs=1e-5)
+    assert auc_lower_limit(1.0, positives=5, negatives=5) == 1.0
+    with pytest.raises(ValueError, match="at least one positive"):
+        auc_lower_limit(0.7, positives=0, negatives=10)
+
+
+def test_auc_lower_limit_rarely_exceeds_the_true_auc_of_randomized_response() -> None:
+    """Scores = RR noisy labels at ε=3 on 180 canaries, so the true AUC is the bound q itself: a
+    95% lower limit may exceed q in at most 5% of trials (binomial tolerance). The control, the
+    plain AUC point estimate, exceeds q in about half of them: the check can fail."""
+    from pcvr.audit.metrics import auc_lower_limit
+
+    q = label_dp_auc_bound(epsilon=3.0)
+    over_limit = over_estimate = 0
+    trials = 200
+    for seed in range(trials):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 2, size=180)
+        scores = np.where(rng.random(180) < q, labels, 1 - labels).astype(float)
+        positives = int(labels.sum())
+        value = roc_auc_score(labels, scores)
+        over_limit += auc_lower_limit(value, positives=positives, negatives=180 - positives, confidence=0.95) > q
+        over_estimate += value > q
+    tolerance = 0.05 * trials + 3 * math.sqrt(0.05 * 0.95 * trials)  # about 19
+    assert over_limit <= tolerance
+    assert over_estimate > tolerance
