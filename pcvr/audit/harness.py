@@ -385,7 +385,7 @@ def format_audit(report: dict) -> str:
             f"DP-SGD σ={result['dp_noise_multiplier']:g}; {result['canaries_scored']} canaries in {result['payloads']} payloads; "
             f"label-DP bound on AUC {result['auc_bound']:.4f}"
         )
-        lines.append(f"  {'attack':<16} {'AUC':>7} {'95% interval':>17} {'ε lower bound':>14}")
+        lines.append(f"  {'attack':<16} {'AUC':>7} {'95% interval':>17} {'limit tested':>13} {'ε lower bound':>14}")
         for name in ATTACKS:
             figures = result["attacks"][name]
             if not figures.get("auc"):
@@ -393,7 +393,8 @@ def format_audit(report: dict) -> str:
                 continue
             auc = figures["auc"]
             lines.append(
-                f"  {name:<16} {auc['value']:>7.4f} [{auc['low']:.4f}, {auc['high']:.4f}] {figures['epsilon_lower_bound']:>14.3f}"
+                f"  {name:<16} {auc['value']:>7.4f} [{auc['low']:.4f}, {auc['high']:.4f}] "
+                f"{figures['auc_lower_limit']:>13.4f} {figures['epsilon_lower_bound']:>14.3f}"
             )
         exact = result["attacks"]["count_exact"]
         if exact:
