@@ -34,7 +34,7 @@ from pcvr.clean_room.session import RoomState, carried_residual, load_state, sav
 from pcvr.clean_room.task import batch_gradient, batch_indices
 from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts, set_adapter_vector
-from pcvr.protocols.codecs import decode, encode
+from pcvr.protocols.codecs import compress_with_feedback
 from pcvr.protocols.messages import LedgerIns, LedgerReply, ProtocolError, TrainIns, TrainReply
 from pcvr.protocols.run_config import RunConfig
 
@@ -202,17 +202,15 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
             directory.mkdir(parents=True, exist_ok=True)
             np.save(directory / f"r{round_:05d}.npy", index.numpy())
         quantizer = np.random.default_rng(secrets.randbits(128))  # rounding draws the platform cannot know
-        corrected = released.adapter_grad + residual
-        frame = encode(corrected, config.codec, generator=quantizer)
-        sent = decode(frame, config.codec, length=length)
+        frame, next_residual = compress_with_feedback(released.adapter_grad, residual, config.codec, generator=quantizer)
         save_state(
             context.state,
             RoomState(
                 held_round=round_,
                 last_round=round_,
                 weights=weights,
-                residual=corrected - sent,
-                pending=sent,
+                residual=next_residual,
+                pending=released.adapter_grad + residual - next_residual,  # what this reply carries
                 noise_multiplier=released.noise_multiplier,
             ),
         )
