@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,6 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from scipy import stats
 
-from pcvr.clean_room.dataset import CleanRoomData
 from pcvr.clean_room.dp_sgd import (
     DPSGDConfig,
     PrivacyAccountant,
@@ -23,42 +23,19 @@ from pcvr.clean_room.dp_sgd import (
 )
 from pcvr.clean_room.task import batch_gradient
 from pcvr.data.io import DataError
-from pcvr.models.cvr import (
-    CVRNet,
-    ModelConfig,
-    adapter_parameters,
-    attach_adapters,
-    get_adapter_vector,
-    parameter_counts,
-    set_adapter_vector,
-)
+from pcvr.models.cvr import adapter_parameters, get_adapter_vector, parameter_counts
 from pcvr.models.features import EncodedFeatures
 from pcvr.protocols.label_dp import Correction, corrected_loss
+from support import TINY as SUPPORT_TINY
+from support import adapted_model as tiny_adapted_model
+from support import clean_room_data
 
 # lora_alpha ≠ lora_rank so the adapters' scale α/r = 2 is exercised by the grad sampler
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8), lora_alpha=8.0)
+TINY = dataclasses.replace(SUPPORT_TINY, lora_alpha=8.0)
 
 
 def adapted_model(*, seed: int) -> torch.nn.Module:
-    """Adapted tiny model with nonzero adapters, so every adapter parameter gets a gradient."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = attach_adapters(CVRNet(TINY), seed=seed)
-    size = parameter_counts(model)["adapters"]
-    shift = 0.2 * torch.randn(size, generator=torch.Generator().manual_seed(seed + 1))
-    set_adapter_vector(model, get_adapter_vector(model) + shift)
-    return model
-
-
-def clean_room_data(n: int, *, seed: int) -> CleanRoomData:
-    generator = torch.Generator().manual_seed(seed)
-    categorical = torch.stack([torch.randint(0, b, (n,), generator=generator) for b in TINY.buckets], dim=1)
-    dense = torch.randn(n, TINY.num_dense, generator=generator)
-    noisy_labels = (torch.rand(n, generator=generator) < 0.3).float()
-    flip_probs = torch.tensor([0.0, 1 / (1 + math.exp(3.0)), 1 / (1 + math.exp(1.0))])[
-        torch.randint(0, 3, (n,), generator=generator)
-    ]
-    return CleanRoomData(EncodedFeatures(categorical, dense), noisy_labels, flip_probs)
+    return tiny_adapted_model(TINY, seed=seed)
 
 
 def release(model, data, index, *, clip_norm, noise_multiplier, seed=0, correction=Correction.FORWARD):

@@ -10,43 +10,10 @@ import torch
 
 from pcvr.clean_room.dataset import CleanRoomData
 from pcvr.clean_room.task import batch_gradient, batch_indices
-from pcvr.models.cvr import (
-    CVRNet,
-    ModelConfig,
-    adapter_parameters,
-    attach_adapters,
-    get_adapter_vector,
-    parameter_counts,
-    set_adapter_vector,
-)
+from pcvr.models.cvr import adapter_parameters, get_adapter_vector, parameter_counts
 from pcvr.models.features import EncodedFeatures
 from pcvr.protocols.label_dp import Correction, corrected_loss
-
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
-
-
-def adapted_model(*, seed: int = 0) -> torch.nn.Module:
-    """Adapted tiny model with nonzero adapters, so every adapter parameter gets a gradient."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = attach_adapters(CVRNet(TINY), seed=seed)
-    size = parameter_counts(model)["adapters"]
-    vector = get_adapter_vector(model) + 0.2 * torch.randn(size, generator=torch.Generator().manual_seed(seed + 1))
-    set_adapter_vector(model, vector)
-    return model
-
-
-def clean_room_data(n: int, *, seed: int) -> CleanRoomData:
-    generator = torch.Generator().manual_seed(seed)
-    categorical = torch.stack([torch.randint(0, b, (n,), generator=generator) for b in TINY.buckets], dim=1)
-    dense = torch.randn(n, TINY.num_dense, generator=generator)
-    noisy_labels = (torch.rand(n, generator=generator) < 0.3).float()
-    # mixed consent levels: no noise, eps=3, eps=1 in one batch
-    flip_probs = torch.tensor([0.0, 1 / (1 + np.exp(3.0)), 1 / (1 + np.exp(1.0))], dtype=torch.float32)[
-        torch.randint(0, 3, (n,), generator=generator)
-    ]
-    return CleanRoomData(EncodedFeatures(categorical, dense), noisy_labels, flip_probs)
-
+from support import adapted_model, clean_room_data
 
 def slow_reference(model: torch.nn.Module, data: CleanRoomData, index: torch.Tensor, correction: Correction):
     """Sum of per-example gradients, one example at a time, in float64."""

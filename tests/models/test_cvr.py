@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pcvr.models.cvr import (
-    CVRNet,
     GatedLoRALinear,
     ModelConfig,
     adapter_grad_vector,
@@ -22,15 +21,7 @@ from pcvr.models.cvr import (
     set_adapter_vector,
 )
 from pcvr.models.features import EncodedFeatures
-
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
-
-
-def make_backbone(config: ModelConfig = TINY, *, seed: int = 0) -> CVRNet:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return CVRNet(config)
-
+from support import TINY, make_backbone
 
 def random_features(n: int, *, seed: int, config: ModelConfig = TINY) -> EncodedFeatures:
     generator = torch.Generator().manual_seed(seed)

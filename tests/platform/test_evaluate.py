@@ -9,11 +9,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pcvr.models.cvr import CVRNet, ModelConfig
+from pcvr.models.cvr import CVRNet
 from pcvr.models.features import EncodedFeatures
 from pcvr.platform.evaluate import holdout_metrics, predict
-
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
+from support import TINY
 
 
 def pairwise_auc(labels: np.ndarray, probs: np.ndarray) -> float:

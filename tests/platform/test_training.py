@@ -8,21 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcvr.models.cvr import CVRNet, ModelConfig, adapter_parameters
+from pcvr.models.cvr import adapter_parameters
 from pcvr.platform.training import AdapterTrainer, aggregate, cosine_learning_rate
-
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
-
-
-def make_backbone(*, seed: int = 0) -> CVRNet:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return CVRNet(TINY)
-
-
-def make_trainer(*, seed: int = 0, learning_rate: float = 0.01, total_steps: int = 10) -> AdapterTrainer:
-    return AdapterTrainer(make_backbone(), learning_rate=learning_rate, total_steps=total_steps, seed=seed)
-
+from support import make_backbone, make_trainer
 
 def random_grad(size: int, *, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=size).astype(np.float32)

@@ -24,10 +24,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import Metadata
 
 from pcvr.clean_room.session import RoomState, weights_for
-from pcvr.models.cvr import CVRNet, ModelConfig
 from pcvr.platform.federation import apply_round
 from pcvr.platform.training import AdapterTrainer
-from pcvr.protocols import messages
 from pcvr.protocols.codecs import Codec, Quantization, encode
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import (
@@ -40,17 +38,10 @@ from pcvr.protocols.messages import (
     record_to_bytes,
 )
 from pcvr.protocols.run_config import RunConfig
+from support import fields_of, make_trainer, resealed
 
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
 RUN, NODE, ROUND = 2**63 + 5, 2**63 + 99, 7
 LIMIT = 64 * 1024
-
-
-def make_trainer() -> AdapterTrainer:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        backbone = CVRNet(TINY)
-    return AdapterTrainer(backbone, learning_rate=0.01, total_steps=10, seed=0)
 
 
 def snapshot(trainer: AdapterTrainer) -> bytes:
@@ -67,17 +58,6 @@ def reply_message(content: RecordDict, *, src: int = NODE) -> Message:
         group_id=str(ROUND), created_at=time.time(), ttl=600.0, message_type="train",
     )
     return Message(metadata=metadata, content=content)
-
-
-def fields_of(record: RecordDict) -> dict:
-    return dict(record[SECTION].items())
-
-
-def resealed(record: RecordDict, *, drop: tuple[str, ...] = (), **changes: object) -> RecordDict:
-    values = {k: v for k, v in fields_of(record).items() if k != "digest" and k not in drop}
-    values.update(changes)
-    values["digest"] = messages._digest(values)
-    return RecordDict({SECTION: ConfigRecord(values)})  # type: ignore[arg-type]
 
 
 class ReplyFuzzer:

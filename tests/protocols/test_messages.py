@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from pcvr.protocols import messages
 from pcvr.protocols.codecs import Codec, encode
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import (
@@ -26,6 +25,7 @@ from pcvr.protocols.messages import (
     record_size,
     record_to_bytes,
 )
+from support import fields_of, resealed
 
 SIZE = 50
 RUN, NODE = 2**63 + 11, 2**64 - 3  # Flower ids are unsigned 64-bit
@@ -72,18 +72,6 @@ def read_reply(record: RecordDict, *, codec: Codec = TOPK_Q4, max_bytes: int = L
     return TrainReply.from_record(
         record, expected=BINDING, codec=codec, num_adapter_params=SIZE, min_batch_size=16, max_bytes=max_bytes
     )
-
-
-def fields_of(record: RecordDict) -> dict:
-    return dict(record[SECTION].items())
-
-
-def resealed(record: RecordDict, *, drop: tuple[str, ...] = (), **changes) -> RecordDict:
-    """A sender that follows the framing but lies: change fields, recompute the digest."""
-    values = {k: v for k, v in fields_of(record).items() if k != "digest" and k not in drop}
-    values.update({k.replace("_", "-"): v for k, v in changes.items()})
-    values["digest"] = messages._digest(values)
-    return RecordDict({SECTION: ConfigRecord(values)})
 
 
 def altered(record: RecordDict, **changes) -> RecordDict:
