@@ -39,21 +39,18 @@ import torch
 from flwr.app import Message
 from flwr.common import Metadata
 
-from pcvr.clean_room.app import clean_room_dir
-from pcvr.clean_room.dataset import load_training_data
-from pcvr.clean_room.task import batch_indices
-from pcvr.data import schema
 from pcvr.data.synth import WorldConfig
 from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts
 from pcvr.platform.app import backbone_dir, holdout_path
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import read_labelled
 from pcvr.platform.federation import wire_bytes
-from pcvr.platform.training import cosine_learning_rate
 from pcvr.protocols.codecs import Codec, encode
-from pcvr.protocols.label_dp import Correction, corrected_loss
+from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import Binding, TrainIns, TrainReply
 from pcvr.simulate import SimulationSpec, prepare, run_setting
+
+from centralized import load_rooms, pooled_step  # benchmarks/centralized.py, beside this script
 
 DEFAULT_CODECS = "q8,q4,topk:0.05,topk:0.05+q8,topk:0.05+q4,topk:0.03+q4"
 NONE = Codec.parse("none")
@@ -96,30 +93,10 @@ def full_finetune_auc(spec: SimulationSpec, *, label_set: str, learning_rate: fl
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=model.config.buckets)
-    rooms = [
-        load_training_data(
-            clean_room_dir(spec.work_dir, k) / label_set / "train.parquet",
-            num_categorical=len(schema.CATEGORICAL_FIELDS),
-            num_dense=len(schema.DENSE_FIELDS),
-        )
-        for k in range(spec.world.advertisers)
-    ]
+    rooms = load_rooms(spec, label_set=label_set)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     for step in range(1, spec.num_rounds + 1):
-        model.train()
-        batches = [
-            (room, batch_indices(len(room), round_=step, batch_size=spec.batch_size, seed=spec.seed, clean_room_id=k))
-            for k, room in enumerate(rooms)
-        ]
-        logits = torch.cat([model(room.features.take(index)) for room, index in batches])
-        noisy = torch.cat([room.noisy_labels[index] for room, index in batches])
-        flips = torch.cat([room.flip_probs[index] for room, index in batches])
-        loss = corrected_loss(logits, noisy, flips, correction=spec.correction).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_learning_rate(step - 1, peak=learning_rate, total_steps=spec.num_rounds)
-        optimizer.step()
+        pooled_step(model, optimizer, rooms, spec, step=step, peak_learning_rate=learning_rate)
     return holdout_metrics(labels, predict(model, features))["auc"]
 
 

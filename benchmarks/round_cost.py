@@ -27,19 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcvr.clean_room.app import clean_room_dir
-from pcvr.clean_room.dataset import load_training_data
-from pcvr.clean_room.task import batch_indices
-from pcvr.data import schema
 from pcvr.data.synth import WorldConfig
 from pcvr.models.cvr import load_backbone
 from pcvr.platform.app import backbone_dir, holdout_path
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import read_labelled
-from pcvr.platform.training import AdapterTrainer, cosine_learning_rate
+from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols.codecs import Codec
-from pcvr.protocols.label_dp import corrected_loss
 from pcvr.simulate import SimulationSpec, prepare, run_setting
+
+from centralized import load_rooms, pooled_step  # benchmarks/centralized.py, beside this script
 
 
 def centralized(spec: SimulationSpec, *, label_set: str, eval_every: int) -> list[dict]:
@@ -47,33 +44,13 @@ def centralized(spec: SimulationSpec, *, label_set: str, eval_every: int) -> lis
     torch.set_num_threads(2)
     backbone = load_backbone(backbone_dir(spec.work_dir))
     features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
-    rooms = [
-        load_training_data(
-            clean_room_dir(spec.work_dir, k) / label_set / "train.parquet",
-            num_categorical=len(schema.CATEGORICAL_FIELDS),
-            num_dense=len(schema.DENSE_FIELDS),
-        )
-        for k in range(spec.world.advertisers)
-    ]
+    rooms = load_rooms(spec, label_set=label_set)
     trainer = AdapterTrainer(backbone, learning_rate=spec.learning_rate, total_steps=spec.num_rounds, seed=spec.seed)
     model, optimizer = trainer.model, trainer.optimizer
     evaluations, train_s = [], 0.0
     for step in range(1, spec.num_rounds + 1):
         started = time.perf_counter()
-        batches = [
-            (room, batch_indices(len(room), round_=step, batch_size=spec.batch_size, seed=spec.seed, clean_room_id=k))
-            for k, room in enumerate(rooms)
-        ]
-        model.train()
-        logits = torch.cat([model(room.features.take(index)) for room, index in batches])
-        noisy = torch.cat([room.noisy_labels[index] for room, index in batches])
-        flips = torch.cat([room.flip_probs[index] for room, index in batches])
-        loss = corrected_loss(logits, noisy, flips, correction=spec.correction).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_learning_rate(step - 1, peak=spec.learning_rate, total_steps=spec.num_rounds)
-        optimizer.step()
+        pooled_step(model, optimizer, rooms, spec, step=step, peak_learning_rate=spec.learning_rate)
         train_s += time.perf_counter() - started
         if step % eval_every == 0 or step == spec.num_rounds:
             evaluations.append({"round": step, "train_s": train_s, **holdout_metrics(labels, predict(model, features))})
