@@ -49,6 +49,7 @@ from pcvr.clean_room.session import RoomState, weights_for
 from pcvr.data import schema
 from pcvr.models.cvr import CVRNet, adapter_parameters, attach_adapters, load_backbone, set_adapter_vector
 from pcvr.platform.app import backbone_dir
+from pcvr.platform.federation import PayloadRecorder
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import Binding, ProtocolError, TrainIns, TrainReply, record_from_bytes
@@ -153,9 +154,9 @@ def _replay(run_dir: Path, run_id: int, length: int, codec: Codec):
     """Yield (round, node, weights the node computed on, decoded gradient) from the recorded payloads."""
     wire = run_dir / "wire"
     held: dict[int, RoomState] = {}
-    for sent in sorted(wire.glob("*.sent")):
-        round_, node = (int(part[1:]) for part in sent.stem.split("-"))
+    for round_, node in PayloadRecorder.rounds(wire):
         room = held.get(node, RoomState())
+        sent = PayloadRecorder.path(wire, round_=round_, node_id=node, direction=PayloadRecorder.SENT)
         ins = TrainIns.from_record(
             record_from_bytes(sent.read_bytes()),
             run_id=run_id,
@@ -165,7 +166,7 @@ def _replay(run_dir: Path, run_id: int, length: int, codec: Codec):
             max_bytes=1 << 30,
         )
         weights = weights_for(room, ins, length=length)
-        received = sent.with_suffix(".received")
+        received = PayloadRecorder.path(wire, round_=round_, node_id=node, direction=PayloadRecorder.RECEIVED)
         try:
             reply = TrainReply.from_record(
                 record_from_bytes(received.read_bytes()),

@@ -96,6 +96,9 @@ class PayloadRecorder:
     serialized as Flower does (:func:`pcvr.protocols.messages.record_to_bytes`).
     """
 
+    SENT = "sent"
+    RECEIVED = "received"
+
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
         if directory is not None:
@@ -103,8 +106,19 @@ class PayloadRecorder:
 
     def __call__(self, round_: int, node_id: int, direction: str, message: Message) -> None:
         if self.directory is not None and message.has_content():  # an error reply has no payload
-            path = self.directory / f"r{round_:05d}-n{node_id}.{direction}"
-            path.write_bytes(record_to_bytes(message.content))
+            self.path(self.directory, round_=round_, node_id=node_id, direction=direction).write_bytes(
+                record_to_bytes(message.content)
+            )
+
+    @staticmethod
+    def path(directory: Path, *, round_: int, node_id: int, direction: str) -> Path:
+        return Path(directory) / f"r{round_:05d}-n{node_id}.{direction}"
+
+    @classmethod
+    def rounds(cls, directory: Path) -> list[tuple[int, int]]:
+        """(round, node) of every recorded instruction, in round order."""
+        names = (path.stem.split("-") for path in Path(directory).glob(f"*.{cls.SENT}"))
+        return sorted((int(round_[1:]), int(node[1:])) for round_, node in names)
 
 
 def receive_replies(
@@ -197,12 +211,12 @@ def run_federated_training(
                 correction=config.correction,
             )
             messages.append(Message(ins.to_record(), dst_node_id=node, message_type="train"))
-            record(round_, node, "sent", messages[-1])
+            record(round_, node, PayloadRecorder.SENT, messages[-1])
         bytes_down = sum(wire_bytes(m) for m in messages)
         replies = _exchange(grid, messages, timeout=round_timeout)
         bytes_up = sum(wire_bytes(r) for r in replies)
         for reply in replies:
-            record(round_, reply.metadata.src_node_id, "received", reply)
+            record(round_, reply.metadata.src_node_id, PayloadRecorder.RECEIVED, reply)
         accepted, rejected = apply_round(trainer, replies, round_=round_, expected=expected, config=config)
         run_log.rejected.extend(rejected)
         for node in nodes:
