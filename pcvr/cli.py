@@ -4,6 +4,7 @@
     pcvr prepare [options]          world, backbone, hand-offs and joins, no training
     pcvr simulate [--json] [options]  all of the above, then every setting in Flower's simulation engine
     pcvr audit [--json] [options]     label-leakage attacks on what the platform received, scored on canaries
+    pcvr certs --out DIR [--hosts H,...] [--clean-rooms N]  TLS CA + SuperLink certificate, SuperNode keys
 
 Bad input ends with one line, ``pcvr: error: …``, and exit status 2.
 """
@@ -143,6 +144,16 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _cmd_certs(args: argparse.Namespace) -> None:
+    from pcvr.deploy.certs import make_certs, parse_hosts
+
+    report = make_certs(args.out, hosts=parse_hosts(args.hosts), clean_rooms=args.clean_rooms)
+    for path in report.created:
+        print(f"created {path}")
+    for path in report.kept:
+        print(f"kept    {path} (exists; delete it to replace it)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcvr", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +185,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     audit.set_defaults(func=_cmd_audit)
+
+    certs = commands.add_parser("certs", help="TLS certificates and SuperNode keys for a deployment")
+    certs.add_argument("--out", type=Path, required=True, help="directory to write (existing files are kept)")
+    certs.add_argument(
+        "--hosts",
+        default="",
+        help="names and IPs the SuperLink is reached by, e.g. 127.0.0.1,localhost,superlink "
+        "(makes the CA and the SuperLink certificate; omit on a clean room's host)",
+    )
+    certs.add_argument("--clean-rooms", type=int, default=0, help="SuperNode key pairs to make (default: %(default)s)")
+    certs.set_defaults(func=_cmd_certs)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Running the parties as real processes: certificates, keys, and the local deployment."""
