@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import ssl
 import stat
-from concurrent import futures
+import threading
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -70,34 +71,43 @@ def test_node_keys_are_secp384r1_openssh_pairs_that_flower_loads(certs):
     assert len(publics) == 2
 
 
-def _grpc_ready(layout, trusted_ca: bytes, target_host: str) -> bool:
-    """A real TLS handshake through gRPC (what Flower uses) against a server holding the SuperLink pair."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    credentials = grpc.ssl_server_credentials([(layout.superlink_key.read_bytes(), layout.superlink_cert.read_bytes())])
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    try:
-        options = [] if target_host == "127.0.0.1" else [("grpc.ssl_target_name_override", target_host)]
-        channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(trusted_ca), options=options)
+def _tls_handshake(layout, trusted_ca: bytes, server_name: str) -> bool:
+    """A real TLS handshake on loopback with Python's ssl, which both ends of Flower's HTTP transport use
+    (uvicorn serves the SuperLink, httpx connects the SuperNodes and the CLI)."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(layout.superlink_cert, layout.superlink_key)
+    client_context = ssl.create_default_context(cadata=trusted_ca.decode())
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            try:
+                with server_context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
         try:
-            grpc.channel_ready_future(channel).result(timeout=5)
-            return True
-        except grpc.FutureTimeoutError:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with client_context.wrap_socket(raw, server_hostname=server_name):
+                    return True
+        except ssl.SSLCertVerificationError:
             return False
         finally:
-            channel.close()
-    finally:
-        server.stop(None)
+            thread.join(timeout=10)
 
 
-def test_grpc_tls_handshake_succeeds_with_the_ca_and_fails_with_another(certs, tmp_path):
+def test_tls_handshake_succeeds_with_the_ca_and_fails_with_another(certs, tmp_path):
     layout, _ = certs
-    assert _grpc_ready(layout, layout.ca_cert.read_bytes(), "127.0.0.1")
-    assert _grpc_ready(layout, layout.ca_cert.read_bytes(), "superlink")
-    assert not _grpc_ready(layout, layout.ca_cert.read_bytes(), "elsewhere.example")  # name not in the certificate
+    assert _tls_handshake(layout, layout.ca_cert.read_bytes(), "127.0.0.1")
+    assert _tls_handshake(layout, layout.ca_cert.read_bytes(), "superlink")
+    assert not _tls_handshake(layout, layout.ca_cert.read_bytes(), "elsewhere.example")  # name not in the certificate
     other = CertLayout(tmp_path / "other")
     make_certs(other.root, hosts=HOSTS, clean_rooms=0)
-    assert not _grpc_ready(layout, other.ca_cert.read_bytes(), "127.0.0.1")  # control: another CA is refused
+    assert not _tls_handshake(layout, other.ca_cert.read_bytes(), "127.0.0.1")  # control: another CA is refused
 
 
 def test_rerun_keeps_every_file_byte_for_byte_and_adds_what_is_missing(tmp_path):
