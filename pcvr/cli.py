@@ -5,6 +5,7 @@
     pcvr simulate [--json] [options]  all of the above, then every setting in Flower's simulation engine
     pcvr audit [--json] [options]     label-leakage attacks on what the platform received, scored on canaries
     pcvr certs --out DIR [--hosts H,...] [--clean-rooms N]  TLS CA + SuperLink certificate, SuperNode keys
+    pcvr deploy local [options]     every party as a real process: SuperLink + SuperNodes, TLS + node auth
 
 Bad input ends with one line, ``pcvr: error: …``, and exit status 2.
 """
@@ -154,6 +155,98 @@ def _cmd_certs(args: argparse.Namespace) -> None:
         print(f"kept    {path} (exists; delete it to replace it)")
 
 
+def _parse_run_config(text: str) -> dict[str, object]:
+    """``--run-config 'key=value key2="text"'`` (Flower's syntax: TOML values)."""
+    import tomllib
+
+    try:
+        return tomllib.loads("\n".join(text.split())) if text.strip() else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--run-config: {exc}") from None
+
+
+def _cmd_deploy_local(args: argparse.Namespace) -> None:
+    from datetime import datetime, timezone
+
+    from pcvr.deploy.local import LocalDeployment, deploy_local
+
+    run_config = {
+        "num-rounds": args.rounds,
+        "eval-every": args.eval_every,
+        "label-set": args.label_set,
+        **_parse_run_config(args.run_config),
+    }
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    deployment = LocalDeployment(
+        work_dir=args.work_dir,
+        run_dir=args.run_dir or args.work_dir / "deployments" / stamp,
+        clean_rooms=args.clean_rooms,
+        certs_dir=args.certs,
+        port=args.port,
+        insecure=args.insecure,
+        run_config=run_config,
+    )
+    try:
+        result = deploy_local(deployment)
+    except KeyboardInterrupt:
+        raise RuntimeError(f"interrupted; every process it started is stopped (logs: {deployment.layout.logs})") from None
+    _print_deploy_result(result, label_set=args.label_set, run_dir=deployment.layout.run_dir)
+
+
+def _print_deploy_result(result: dict, *, label_set: str, run_dir: Path) -> None:
+    final = result["final"]
+    print(
+        f"\n{'setting':<22} {'AUC':>7} {'NE':>7} {'calibration':>12} {'bytes up/round':>15} {'bytes down/round':>17}\n"
+        f"{label_set:<22} {final['auc']:>7.4f} {final['ne']:>7.4f} {final['calibration']:>12.3f}"
+        f" {result['bytes_up_per_round']:>15,.0f} {result['bytes_down_per_round']:>17,.0f}\n"
+        f"\n{result['config']['clean-rooms']} clean rooms as real processes, {result['config']['num-rounds']} rounds; "
+        f"results and logs in {run_dir}"
+    )
+
+
+def _remote_layout(args: argparse.Namespace):
+    """The layout and environment of `pcvr deploy register` / `run` against a SuperLink someone else started."""
+    from pcvr.deploy.local import INSECURE_WARNING, DeployLayout, _environment, write_connection
+
+    if args.insecure == (args.root_certificates is not None):
+        raise ValueError("give exactly one of --root-certificates (the platform CA's ca.pem) and --insecure")
+    if args.root_certificates is not None and not args.root_certificates.is_file():
+        raise FileNotFoundError(f"--root-certificates {args.root_certificates}: no such file")
+    if args.insecure:
+        print(INSECURE_WARNING.format(port=args.superlink.rpartition(":")[2]))
+    layout = DeployLayout(args.run_dir.resolve())
+    write_connection(layout, address=args.superlink, root_certificates=args.root_certificates)
+    return layout, _environment(layout)
+
+
+def _cmd_deploy_register(args: argparse.Namespace) -> None:
+    from pcvr.deploy.local import register_keys
+
+    layout, env = _remote_layout(args)
+    for k, node in register_keys(layout, env, args.public_keys).items():
+        print(f"clean room {k}: node {node}")
+    print(f"node ids in {layout.nodes_file}")
+
+
+def _cmd_deploy_run(args: argparse.Namespace) -> None:
+    from pcvr.deploy.local import run_training
+    from pcvr.protocols.run_config import RunConfig
+
+    layout, env = _remote_layout(args)
+    config = RunConfig.from_run_config(
+        {
+            "num-rounds": args.rounds,
+            "eval-every": args.eval_every,
+            "label-set": args.label_set,
+            **_parse_run_config(args.run_config),
+            "data-dir": str(args.work_dir),
+            "run-dir": str(layout.training_dir if args.results_dir is None else args.results_dir),
+            "clean-rooms": args.clean_rooms,
+        }
+    )
+    _print_deploy_result(run_training(layout, env, config.to_run_config()), label_set=args.label_set, run_dir=layout.run_dir)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcvr", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +289,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--clean-rooms", type=int, default=0, help="SuperNode key pairs to make (default: %(default)s)")
     certs.set_defaults(func=_cmd_certs)
+
+    deploy = commands.add_parser("deploy", help="run the parties as real processes").add_subparsers(
+        dest="deploy_command", required=True
+    )
+    local = deploy.add_parser("local", help="SuperLink + one SuperNode per clean room on this machine, TLS + node auth")
+    local.add_argument("--work-dir", type=Path, default=Path("runs/demo"), help="prepared by `pcvr prepare` (default: %(default)s)")
+    local.add_argument("--run-dir", type=Path, default=None, help="new directory for state, logs, results (default: WORK/deployments/TIME)")
+    local.add_argument("--clean-rooms", type=int, default=3, help="(default: %(default)s)")
+    local.add_argument("--certs", type=Path, default=None, help="certificates and keys, made if missing (default: WORK/certs)")
+    local.add_argument("--port", type=int, default=8000, help="the SuperLink's port; SuperNodes use the next ones (default: %(default)s)")
+    local.add_argument("--rounds", type=int, default=10, help="(default: %(default)s)")
+    local.add_argument("--eval-every", type=int, default=5, help="(default: %(default)s)")
+    local.add_argument("--label-set", default="eps=3", help="prepared label set to train on (default: %(default)s)")
+    local.add_argument("--run-config", default="", help="more run-config values, Flower's syntax: 'codec=\"q4\" batch-size=4096'")
+    local.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: anyone who reaches the port joins (debugging only)")
+    local.set_defaults(func=_cmd_deploy_local)
+
+    def remote(name: str, help: str) -> argparse.ArgumentParser:
+        sub = deploy.add_parser(name, help=help)
+        sub.add_argument("--superlink", required=True, help="the SuperLink's address, HOST:PORT")
+        sub.add_argument("--root-certificates", type=Path, default=None, help="the platform CA's ca.pem (from `pcvr certs`)")
+        sub.add_argument("--run-dir", type=Path, required=True, help="where the flwr connection, node ids and logs go")
+        sub.add_argument("--insecure", action="store_true", help="no TLS (debugging only)")
+        return sub
+
+    register = remote("register", "register clean rooms' SuperNode public keys with a running SuperLink")
+    register.add_argument("public_keys", type=Path, nargs="+", help="supernode.pub of clean room 0, 1, …")
+    register.set_defaults(func=_cmd_deploy_register)
+
+    run = remote("run", "train on a running SuperLink whose clean rooms are online")
+    run.add_argument("--work-dir", type=Path, required=True, help="the platform's data directory as the ServerApp sees it")
+    run.add_argument("--results-dir", type=Path, default=None, help="where the ServerApp writes results, as it sees it (default: RUN/training)")
+    run.add_argument("--clean-rooms", type=int, default=3, help="(default: %(default)s)")
+    run.add_argument("--rounds", type=int, default=10, help="(default: %(default)s)")
+    run.add_argument("--eval-every", type=int, default=5, help="(default: %(default)s)")
+    run.add_argument("--label-set", default="eps=3", help="(default: %(default)s)")
+    run.add_argument("--run-config", default="", help="more run-config values, Flower's syntax")
+    run.set_defaults(func=_cmd_deploy_run)
     return parser
 
 

@@ -1,0 +1,566 @@
+"""``pcvr deploy local``: every party as a real process on one machine, over TLS with SuperNode auth.
+
+What it runs is what a deployment on several hosts runs (``docker/`` runs the
+same commands in containers), each command built once here:
+
+1. ``pcvr certs`` material (made if missing): the CA, the SuperLink's certificate,
+   one SECP384R1 key per clean room;
+2. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` (state in a
+   database file, no runtime dependency installation);
+3. ``flwr supernode register`` of each clean room's public key — the node ids
+   Flower returns are the only nodes the platform trains with;
+4. one ``flower-supernode`` per clean room, with its own node config
+   (``clean-room-id``, ``clean-room-dir``) and its private key;
+5. ``flwr run --stream`` of a config-only Flower app: the FAB carries the run
+   config and names the apps, no code, so every party runs the pcvr installed on
+   its own side, never code shipped to it by another;
+
+then it prints the platform's lines as they stream, the final table, and stops
+every process it started — also on Ctrl-C or SIGTERM. Each process's output
+stays in ``<run-dir>/logs/``.
+
+``insecure=True`` runs without TLS and without node authentication, which lets
+any process that reaches the port join as a clean room and be sent the weights;
+it exists for debugging on a closed machine only, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from pcvr.deploy.certs import CertLayout, make_certs
+
+__all__ = [
+    "DeployError",
+    "DeployLayout",
+    "LocalDeployment",
+    "INSECURE_WARNING",
+    "superlink_command",
+    "supernode_command",
+    "superexec_command",
+    "register_command",
+    "run_command",
+    "deploy_local",
+    "register_clean_rooms",
+    "register_keys",
+    "run_training",
+    "supernode_failure",
+]
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "pcvr-local"
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+_STOP_GRACE_S = 10.0
+INSECURE_WARNING = (
+    "WARNING: --insecure: no TLS and no SuperNode authentication. Anything that reaches port {port} "
+    "can join as a clean room and is sent the model's weights, and every message crosses in the clear. "
+    "Use it only to debug on a machine nobody else can reach."
+)
+
+
+class DeployError(RuntimeError):
+    """A deployment step that failed; the message names the step, the process and its log."""
+
+
+@dataclass(frozen=True)
+class DeployLayout:
+    """Where a local deployment keeps its state, logs and results (one owner for these names)."""
+
+    run_dir: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    def log_file(self, process: str) -> Path:
+        return self.logs / f"{process}.log"
+
+    @property
+    def database(self) -> Path:
+        return self.run_dir / "superlink" / "state.db"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.run_dir / "flwr-home"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.run_dir / "app"
+
+    @property
+    def training_dir(self) -> Path:
+        """The platform's run directory: checkpoint, ``result.json``, ``privacy_ledger.json``."""
+        return self.run_dir / "training"
+
+    @property
+    def nodes_file(self) -> Path:
+        return self.run_dir / "nodes.json"
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    """One ``pcvr deploy local`` invocation.
+
+    Attributes:
+        work_dir: a prepared work directory (``pcvr prepare``): the platform's backbone and
+            holdout, and one ``clean_room_K`` directory per clean room.
+        run_dir: a new directory for this deployment's state, logs and results.
+        clean_rooms: how many clean rooms to start (``clean_room_0`` … ``clean_room_{N-1}``).
+        certs_dir: where the certificates and keys are (made there when missing).
+        port: the SuperLink's one port (Fleet, Control and Runtime APIs); SuperNodes take
+            the next ``clean_rooms`` ports for their ClientApp I/O.
+        insecure: no TLS, no node authentication (see :data:`INSECURE_WARNING`).
+        run_config: run-config values (kebab-case keys of :class:`RunConfig`) for the training.
+        startup_timeout_s: how long each process may take to come up.
+    """
+
+    work_dir: Path
+    run_dir: Path
+    clean_rooms: int = 3
+    certs_dir: Path | None = None
+    port: int = 8000
+    insecure: bool = False
+    run_config: Mapping[str, object] = field(default_factory=dict)
+    startup_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.clean_rooms < 1:
+            raise ValueError(f"--clean-rooms must be >= 1; got {self.clean_rooms}")
+        if not 1024 <= self.port <= 65535 - self.clean_rooms:
+            raise ValueError(f"--port must leave room for {self.clean_rooms} more ports below 65536; got {self.port}")
+
+    @property
+    def layout(self) -> DeployLayout:
+        return DeployLayout(Path(self.run_dir).resolve())
+
+    @property
+    def certs(self) -> CertLayout:
+        return CertLayout(Path(self.certs_dir or Path(self.work_dir) / "certs").resolve())
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def clean_room_dir(self, clean_room_id: int) -> Path:
+        return Path(self.work_dir).resolve() / f"clean_room_{clean_room_id}"
+
+
+def superlink_command(
+    *, certs: CertLayout | None, database: Path, host: str, port: int, isolation: str | None = None
+) -> list[str]:
+    """The platform's SuperLink: TLS + node auth unless ``certs`` is None (insecure).
+
+    ``isolation="process"`` is for containers: the ServerApp then runs in a separate
+    executor (:func:`superexec_command`) instead of a child process.
+    """
+    command = ["flower-superlink"]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile", str(certs.ca_cert),
+            "--ssl-certfile", str(certs.superlink_cert),
+            "--ssl-keyfile", str(certs.superlink_key),
+            "--enable-supernode-auth",
+        ]
+    command += ["--disable-runtime-dependency-installation", "--database", str(database), "--host", host, "--port", str(port)]
+    return command + (["--isolation", isolation] if isolation else [])
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    certs: CertLayout | None,
+    clean_room_id: int,
+    clean_room_dir: Path,
+    clientappio_port: int,
+    host: str | None = None,
+    isolation: str | None = None,
+) -> list[str]:
+    """Clean room ``clean_room_id``'s SuperNode, with its node config and (unless insecure) its key.
+
+    ``host``/``isolation="process"`` are for containers, where the ClientApp runs in the
+    clean room's own executor (:func:`superexec_command`) reaching this port.
+    """
+    command = ["flower-supernode", "--superlink", superlink]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--root-certificates", str(certs.ca_cert),
+            "--auth-supernode-private-key", str(certs.node_private_key(clean_room_id)),
+        ]
+    node_config = f'clean-room-id={clean_room_id} clean-room-dir="{clean_room_dir}"'
+    command += ["--node-config", node_config, "--port", str(clientappio_port)]
+    command += ["--host", host] if host else []
+    return command + (["--isolation", isolation] if isolation else [])
+
+
+def superexec_command(*, runtime_api: str, root_certificates: Path | None) -> list[str]:
+    """An app executor: what the SuperLink (ServerApp) or a SuperNode (ClientApp) starts as its child in
+    subprocess isolation, and what runs in its own container in process isolation. A SuperNode's
+    runtime API is plain HTTP on the clean room's own side (``root_certificates=None``)."""
+    command = ["flower-superexec", "--runtime-api-address", runtime_api]
+    return command + (["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)])
+
+
+def register_command(public_key: Path, *, connection: str = CONNECTION) -> list[str]:
+    """The platform registers one clean room's public key; Flower answers with its node id."""
+    return ["flwr", "supernode", "register", str(public_key), connection, "--format", "json"]
+
+
+def run_command(app_dir: Path, *, connection: str = CONNECTION) -> list[str]:
+    return ["flwr", "run", str(app_dir), connection, "--stream"]
+
+
+def _environment(layout: DeployLayout) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(layout.flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def write_connection(layout: DeployLayout, *, address: str, root_certificates: Path | None) -> None:
+    """``$FLWR_HOME/config.toml``: the one SuperLink connection the ``flwr`` commands use (None: insecure)."""
+    connection: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    layout.flwr_home.mkdir(parents=True, exist_ok=True)
+    text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+    (layout.flwr_home / "config.toml").write_text(text)
+
+
+def write_app(layout: DeployLayout, run_config: Mapping[str, object]) -> None:
+    """A Flower app directory with no code: it names pcvr's apps and carries the run config."""
+    from pcvr import __version__
+
+    layout.app_dir.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": "pcvr-deployment", "version": __version__, "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "pcvr",
+                    "components": {"serverapp": "pcvr.platform.app:app", "clientapp": "pcvr.clean_room.app:app"},
+                    "config": dict(run_config),
+                }
+            }
+        },
+    }
+    (layout.app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+
+
+class _Processes:
+    """The processes a deployment started: each in its own session, stopped as a group."""
+
+    def __init__(self, layout: DeployLayout, env: Mapping[str, str]) -> None:
+        self.layout = layout
+        self.env = dict(env)
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen:
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        log_file = self.layout.log_file(name).open("ab")
+        try:
+            process = subprocess.Popen(
+                list(command), stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                cwd=self.layout.run_dir,
+            )
+        finally:
+            log_file.close()
+        self.running[name] = process
+        (self.layout.logs / f"{name}.pid").write_text(f"{process.pid}\n")
+        return process
+
+    def check_alive(self, name: str) -> None:
+        process = self.running[name]
+        if process.poll() is not None:
+            raise DeployError(
+                f"{name} exited with status {process.returncode}: {_last_line(self.layout.log_file(name))} "
+                f"(log: {self.layout.log_file(name)})"
+            )
+
+    def stop(self, name: str, *, sig: int = signal.SIGTERM) -> None:
+        process = self.running.pop(name)
+        _stop_group(process, sig=sig)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.running)):
+            self.stop(name)
+
+
+def _stop_group(process: subprocess.Popen, *, sig: int) -> None:
+    """Signal the process's whole group (SuperNodes and the SuperLink start children), then make sure."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children outlive a leader that exited on its own
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][:300] if lines else "(empty log)"
+
+
+def _wait_for_port(processes: _Processes, name: str, port: int, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        processes.check_alive(name)
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise DeployError(f"{name} did not listen on port {port} within {timeout_s:.0f} s (log: {processes.layout.log_file(name)})")
+
+
+def _flwr_json(command: Sequence[str], env: Mapping[str, str], *, what: str, timeout_s: float) -> dict:
+    """Run one ``flwr ... --format json`` command; its JSON answer, or a DeployError saying why not."""
+    try:
+        done = subprocess.run(list(command), env=dict(env), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"{what}: no answer within {timeout_s:.0f} s ({' '.join(command[:3])})") from None
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = None
+    if done.returncode != 0 or not isinstance(answer, dict) or not answer.get("success", False):
+        detail = (answer or {}).get("error-message") if isinstance(answer, dict) else None
+        detail = detail or (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise DeployError(f"{what} failed: {detail if isinstance(detail, str) else detail[0]}")
+    return answer
+
+
+_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
+_RETRY = "Connection attempt failed"
+_RETRIES_BEFORE_FAILING = 4
+_EXPLAIN = {
+    "2004": "the SuperLink refused this node's key: it is not registered, or a node with the same key is already online",
+    "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate is not signed by the CA this node trusts (--root-certificates)",
+    "TLS is not enabled": "node authentication needs TLS: this node was started with --insecure",
+}
+
+
+def supernode_failure(log_file: Path) -> str | None:
+    """Why a SuperNode cannot join, read off its log; None while nothing says it cannot.
+
+    Flower ends a refused SuperNode with an exit code and its reason; a SuperNode that
+    speaks plain HTTP to a TLS SuperLink (or TLS to a plain one) only retries, forever,
+    so a few failed attempts in a row are taken as that.
+    """
+    try:
+        lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    for i, line in enumerate(lines):
+        match = _EXIT_CODE.search(line)
+        if match:
+            reason = " ".join(lines[i + 1 : i + 3])
+            explained = next((why for key, why in _EXPLAIN.items() if key in reason), None)
+            return f"Flower exit code {match.group(1)}: {reason}" + (f" — {explained}" if explained else "")
+    if sum(_RETRY in line for line in lines) >= _RETRIES_BEFORE_FAILING:
+        return (
+            f"{_RETRIES_BEFORE_FAILING} connection attempts to the SuperLink failed: it is unreachable, or one side "
+            "uses TLS and the other does not (--insecure against a TLS SuperLink)"
+        )
+    return None
+
+
+def _online_nodes(env: Mapping[str, str]) -> set[int]:
+    listing = _flwr_json(
+        ["flwr", "supernode", "list", CONNECTION, "--format", "json"], env, what="listing the SuperNodes", timeout_s=60
+    )
+    return {int(n["node-id"]) for n in listing.get("nodes", []) if n.get("status") == "online"}
+
+
+def _wait_online(
+    processes: _Processes, env: Mapping[str, str], node_ids: Mapping[int, int], *, timeout_s: float
+) -> None:
+    """Wait until every registered clean room's SuperNode is online; name the first that cannot be."""
+    deadline = time.monotonic() + timeout_s
+    offline = dict(node_ids)
+    while True:
+        for k in sorted(offline):
+            log_file = processes.layout.log_file(f"supernode_{k}")
+            failure = supernode_failure(log_file)
+            if failure is not None:
+                raise DeployError(f"clean room {k} cannot join: {failure} (log: {log_file})")
+            processes.check_alive(f"supernode_{k}")
+        online = _online_nodes(env)
+        offline = {k: n for k, n in offline.items() if n not in online}
+        if not offline:
+            return
+        if time.monotonic() > deadline:
+            k = min(offline)
+            log_file = processes.layout.log_file(f"supernode_{k}")
+            raise DeployError(
+                f"clean room {k} did not come online within {timeout_s:.0f} s; its SuperNode says: "
+                f"{_last_line(log_file)} (log: {log_file})"
+            )
+        time.sleep(2.0)
+
+
+@contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM ends a deployment the way Ctrl-C does: through the ``finally`` that stops the processes."""
+
+    def _raise(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prepare(deployment: LocalDeployment) -> None:
+    layout = deployment.layout
+    if layout.run_dir.exists() and any(layout.run_dir.iterdir()):
+        raise ValueError(f"--run-dir {layout.run_dir}: exists and is not empty; give a new directory")
+    for k in range(deployment.clean_rooms):
+        if not deployment.clean_room_dir(k).is_dir():
+            raise FileNotFoundError(
+                f"{deployment.clean_room_dir(k)}: no such clean-room directory (run `pcvr prepare` first, "
+                f"or give --clean-rooms no larger than the prepared count)"
+            )
+    if not deployment.insecure:
+        make_certs(deployment.certs.root, hosts=LOCAL_HOSTS, clean_rooms=deployment.clean_rooms)
+
+
+def deploy_local(deployment: LocalDeployment, *, out=print) -> dict:
+    """Run the deployment to the end; returns the platform's ``result.json``.
+
+    Raises:
+        DeployError: a process failed to start, a node did not come online, or the run failed.
+    """
+    from pcvr.protocols.run_config import RunConfig
+
+    layout = deployment.layout
+    config = RunConfig.from_run_config(
+        {
+            **deployment.run_config,
+            "data-dir": str(Path(deployment.work_dir).resolve()),
+            "run-dir": str(layout.training_dir),
+            "clean-rooms": deployment.clean_rooms,
+        }
+    )
+    _prepare(deployment)
+    certs = None if deployment.insecure else deployment.certs
+    if certs is None:
+        out(INSECURE_WARNING.format(port=deployment.port))
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    layout.database.parent.mkdir(parents=True, exist_ok=True)
+    env = _environment(layout)
+    write_connection(layout, address=deployment.address, root_certificates=None if certs is None else certs.ca_cert)
+    processes = _Processes(layout, env)
+    try:
+        with _terminate_on_sigterm():
+            processes.start(
+                "superlink",
+                superlink_command(certs=certs, database=layout.database, host="127.0.0.1", port=deployment.port),
+            )
+            _wait_for_port(processes, "superlink", deployment.port, timeout_s=deployment.startup_timeout_s)
+            out(f"superlink up on {deployment.address} ({'insecure' if certs is None else 'TLS + SuperNode auth'})")
+            node_ids = {} if certs is None else register_clean_rooms(layout, env, certs, clean_rooms=deployment.clean_rooms)
+            for k in range(deployment.clean_rooms):
+                processes.start(
+                    f"supernode_{k}",
+                    supernode_command(
+                        superlink=deployment.address, certs=certs, clean_room_id=k,
+                        clean_room_dir=deployment.clean_room_dir(k), clientappio_port=deployment.port + 1 + k,
+                    ),
+                )
+            if node_ids:
+                _wait_online(processes, env, node_ids, timeout_s=deployment.startup_timeout_s)
+            out(f"{deployment.clean_rooms} clean rooms online; training {config.num_rounds} rounds")
+            return run_training(layout, env, config.to_run_config(), out=out)
+    finally:
+        processes.stop_all()
+
+
+def register_clean_rooms(layout: DeployLayout, env: Mapping[str, str], certs: CertLayout, *, clean_rooms: int) -> dict[int, int]:
+    """Register clean rooms 0 … ``clean_rooms``-1's public keys from ``certs``; see :func:`register_keys`."""
+    return register_keys(layout, env, [certs.node_public_key(k) for k in range(clean_rooms)])
+
+
+def register_keys(layout: DeployLayout, env: Mapping[str, str], public_keys: Sequence[Path]) -> dict[int, int]:
+    """Register each clean room's public key with the SuperLink; clean room (its place in the list) → node id.
+
+    Written to ``nodes.json``: these are the only nodes that can come online.
+    """
+    node_ids = {}
+    for k, public_key in enumerate(public_keys):
+        if not Path(public_key).is_file():
+            raise FileNotFoundError(f"{public_key}: no such public key file (clean room {k})")
+        answer = _flwr_json(
+            register_command(Path(public_key)), env, what=f"registering clean room {k}'s key {public_key}", timeout_s=120
+        )
+        node_ids[k] = int(answer["node-id"])
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    layout.nodes_file.write_text(json.dumps({str(k): n for k, n in node_ids.items()}, indent=2) + "\n")
+    return node_ids
+
+
+def run_training(layout: DeployLayout, env: Mapping[str, str], run_config: Mapping[str, object], *, out=print) -> dict:
+    """Start the training on a running SuperLink with ``flwr run --stream``; the platform's ``result.json``."""
+    write_app(layout, run_config)
+    _stream_run(layout, env, out=out)
+    result_path = Path(str(run_config["run-dir"])) / "result.json"
+    if not result_path.exists():
+        raise DeployError(
+            f"the run ended without {result_path}; see {layout.log_file('flwr-run')} and the SuperLink's log"
+        )
+    return json.loads(result_path.read_text())
+
+
+def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out) -> None:
+    """``flwr run --stream``: every line into its log, pcvr's own lines to ``out`` as they come."""
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    with layout.log_file("flwr-run").open("w") as run_log:
+        process = subprocess.Popen(
+            run_command(layout.app_dir), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, cwd=layout.run_dir,
+        )
+        try:
+            for line in process.stdout or ():
+                run_log.write(line)
+                run_log.flush()
+                if "pcvr" in line and ("round" in line or "error" in line.lower()):
+                    out(line.rstrip())
+            process.wait()
+        finally:
+            _stop_group(process, sig=signal.SIGTERM)
+    if process.returncode != 0:
+        raise DeployError(f"flwr run exited with status {process.returncode}: {_last_line(layout.log_file('flwr-run'))}")
