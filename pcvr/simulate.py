@@ -31,7 +31,9 @@ from pcvr.advertiser.handoff import hand_off
 from pcvr.advertiser.policy import ConsentPolicy
 from pcvr.clean_room.app import clean_room_dir, make_client_app
 from pcvr.clean_room.dataset import join_inputs
+from pcvr.clean_room.policy import POLICY_FILE, RoomPolicy
 from pcvr.data import schema
+from pcvr.data.io import write_bytes_atomic
 from pcvr.data.synth import WorldConfig, synthesize
 from pcvr.models.cvr import ModelConfig, attach_adapters, load_backbone, parameter_counts, save_backbone
 from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
@@ -41,6 +43,7 @@ from pcvr.platform.pretrain import pretrain_backbone
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.names import check_name
 from pcvr.protocols.run_config import RunConfig
 
 __all__ = ["SimulationSpec", "prepare", "run_setting", "simulate", "format_table"]
@@ -85,7 +88,12 @@ class SimulationSpec:
         return {NON_PRIVATE: no_noise, self.private_label_set: self.policy.capped(epsilon=self.epsilon)}
 
     def run_config(self, *, label_set: str, correction: Correction, name: str, **overrides: object) -> RunConfig:
-        """The run config of one setting; ``overrides`` replace any of its fields."""
+        """The run config of one setting; ``overrides`` replace any of its fields.
+
+        ``name`` and ``label_set`` become folder names: each must be a plain name.
+        """
+        check_name(name, what="setting name")
+        check_name(label_set, what="label set")
         config = RunConfig(
             data_dir=self.work_dir,
             label_set=label_set,
@@ -138,6 +146,8 @@ def prepare(spec: SimulationSpec) -> dict:
         join_secret = load_or_create_secret(secrets / "join.key")  # agreed by advertiser k and the platform
         rr_secret = load_or_create_secret(secrets / "rr.key")  # the advertiser's alone
         room = clean_room_dir(work, k)
+        # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
+        write_bytes_atomic(room / POLICY_FILE, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
         if not (room / "features.parquet").exists():
             export_for_clean_room(
                 world_dir / "platform" / "features" / f"advertiser_{k}.parquet",

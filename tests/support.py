@@ -72,3 +72,84 @@ def resealed(record: RecordDict, *, drop: tuple[str, ...] = (), **changes: objec
     values.update({k.replace("_", "-"): v for k, v in changes.items()})
     values["digest"] = messages._digest(values)
     return RecordDict({SECTION: ConfigRecord(values)})  # type: ignore[arg-type]
+
+
+# --- a clean room on disk, and a platform that talks to its ClientApp directly ------------------
+
+RUN_ID, NODE_ID = 11, 2**40 + 7
+
+
+def write_clean_room(directory, *, rows: int, seed: int = 0, label_set: str = "eps=3", policy=None) -> None:
+    """A clean room's directory as ``pcvr prepare`` leaves it: backbone copy, joined rows, label ledger, policy."""
+    import json
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pcvr.clean_room.policy import POLICY_FILE
+    from pcvr.data import schema
+    from pcvr.models.cvr import save_backbone
+    from pcvr.models.features import cat_column, dense_column
+
+    directory = Path(directory)
+    save_backbone(make_backbone(), directory / "backbone")
+    data = clean_room_data(rows, seed=seed)
+    columns = {schema.JOIN_KEY: pa.array([i.to_bytes(32, "big") for i in range(rows)], type=pa.binary(32))}
+    columns |= {cat_column(i): data.features.categorical[:, i].numpy() for i in range(data.features.categorical.shape[1])}
+    columns |= {dense_column(j): data.features.dense[:, j].numpy() for j in range(data.features.dense.shape[1])}
+    columns |= {schema.NOISY_LABEL: data.noisy_labels.numpy().astype("int8"), schema.EPSILON: [3.0] * rows}
+    columns |= {schema.FLIP_PROB: data.flip_probs.numpy().astype("float64")}
+    (directory / label_set).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), directory / label_set / "train.parquet")
+    ledger = {"source": "/advertiser/conversions.parquet", "records": rows, "levels": {}}
+    (directory / label_set / "ledger.json").write_text(json.dumps(ledger))
+    if policy is not None:
+        (directory / POLICY_FILE).write_text(policy.to_toml())
+
+
+def train_instruction(*, round_: int = 1, batch_size: int = 64, min_batch_size: int = 64, **changes: object) -> RecordDict:
+    """What an honest platform sends for ``round_`` (full weights); ``changes`` make it lie, resealed."""
+    import numpy as np
+
+    from pcvr.protocols.codecs import Codec, encode
+    from pcvr.protocols.label_dp import Correction
+    from pcvr.protocols.messages import Binding, TrainIns
+
+    length = parameter_counts(attach_adapters(make_backbone()))["adapters"]
+    codec = Codec.parse("none")
+    weights = get_adapter_vector(attach_adapters(make_backbone(), seed=0)).numpy()
+    record = TrainIns(
+        binding=Binding(run_id=RUN_ID, round=round_, node_id=NODE_ID),
+        base_round=0,
+        codec=codec,
+        size=length,
+        weights=encode(weights, codec, generator=np.random.default_rng(0)),
+        batch_size=batch_size,
+        min_batch_size=min_batch_size,
+        correction=Correction.FORWARD,
+    ).to_record()
+    return resealed(record, **changes) if changes else record
+
+
+def deliver(client_app, content: RecordDict, context, *, message_type: str = "train"):
+    """Hand ``content`` to ``client_app`` as Flower would; returns its reply."""
+    import time
+
+    from flwr.app import Message
+    from flwr.common import Metadata
+
+    metadata = Metadata(
+        run_id=context.run_id, message_id="m" * 64, src_node_id=1, dst_node_id=context.node_id, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600.0, message_type=message_type,
+    )
+    return client_app(Message(metadata=metadata, content=content), context)
+
+
+def room_context(directory, *, run_config: dict | None = None, node_config: dict | None = None):
+    """A Flower context for the clean room in ``directory`` (one state across calls: reuse it)."""
+    from flwr.app import Context
+
+    node = {"clean-room-id": 0, "clean-room-dir": str(directory), **(node_config or {})}
+    run = {"label-set": "eps=3", "batch-size": 64, "min-batch-size": 64, "codec": "none", **(run_config or {})}
+    return Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node, state=RecordDict(), run_config=run)

@@ -45,8 +45,10 @@ from pcvr.audit.metrics import (
 )
 from pcvr.clean_room.app import batches_dir, clean_room_dir
 from pcvr.clean_room.dataset import CleanRoomData, load_training_data
+from pcvr.clean_room.policy import POLICY_FILE, RoomPolicy
 from pcvr.clean_room.session import RoomState, weights_for
 from pcvr.data import schema
+from pcvr.data.io import write_bytes_atomic
 from pcvr.models.cvr import CVRNet, adapter_parameters, attach_adapters, load_backbone, set_adapter_vector
 from pcvr.platform.app import backbone_dir
 from pcvr.platform.federation import PayloadRecorder
@@ -127,11 +129,18 @@ class _Room:
     canaries: CanarySet
 
 
+def _floor(setting: AuditSetting) -> int:
+    """The minimum batch of an audited run (under DP-SGD the Poisson batch varies, so 1)."""
+    return setting.batch_size if setting.dp_noise_multiplier == 0 else 1
+
+
 def _plant(spec: SimulationSpec, setting: AuditSetting, generator: np.random.Generator) -> dict[int, _Room]:
     source_set = NON_PRIVATE if math.isinf(setting.epsilon) else spec.private_label_set
     rooms = {}
     for k in range(spec.world.advertisers):
         room_dir = clean_room_dir(spec.work_dir, k)
+        # The advertiser audits its own clean room: its policy admits the batch size audited.
+        write_bytes_atomic(room_dir / POLICY_FILE, RoomPolicy(min_batch_size=_floor(setting)).to_toml().encode())
         out_dir = room_dir / setting.label_set
         shutil.rmtree(out_dir, ignore_errors=True)
         canaries = plant_canaries(
@@ -192,7 +201,7 @@ def _run(spec: SimulationSpec, setting: AuditSetting) -> tuple[dict, dict[int, i
         correction=setting.correction,
         num_rounds=setting.rounds,
         batch_size=setting.batch_size,
-        min_batch_size=setting.batch_size if setting.dp_noise_multiplier == 0 else 1,
+        min_batch_size=_floor(setting),
         eval_every=setting.rounds,
         codec=setting.codec,
         downstream_codec=Codec.parse("none"),

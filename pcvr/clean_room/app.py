@@ -2,15 +2,20 @@
 
 The work is in plain functions (:mod:`pcvr.clean_room.task`, :mod:`.dp_sgd`,
 :mod:`.session`, :mod:`pcvr.protocols.codecs`); this adapter reads the run
-config and the node's facts, validates the instruction before anything is
-computed (a malformed, stale or replayed instruction raises, and Flower answers
-the platform with an error), and keeps the clean room's state between rounds in
-``context.state``.
+config and the node's facts, checks the instruction against the protocol and the
+clean room's own policy (:mod:`pcvr.clean_room.policy`) before anything is
+computed, and keeps the clean room's state between rounds in ``context.state``.
+
+Everything a handler does runs inside one boundary (:func:`_answer`): whatever
+fails, the platform gets only a fixed :class:`~pcvr.protocols.refusals.Refusal`
+code; the details go to the clean room's own log. Names from the run config
+(the label set) are plain names resolved inside the clean room's directory
+(:mod:`pcvr.protocols.names`); the platform never supplies a path.
 
 Per round: apply the weight delta to the held weights → sample a batch → the
 de-biased, batch-summed adapter gradient (optionally DP-SGD: per-example clip +
 Gaussian noise, accounted in a ledger that survives restarts) → add the
-error-feedback residual and compress → reply.
+error-feedback residual and compress → record the release → reply.
 """
 
 from __future__ import annotations
@@ -19,35 +24,37 @@ import dataclasses
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from pcvr.clean_room.dataset import load_training_data
 from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch, private_batch_gradient
+from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
 from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
 from pcvr.protocols.messages import LedgerIns, LedgerReply, ProtocolError, TrainIns, TrainReply
+from pcvr.protocols.names import resolve_inside
+from pcvr.protocols.refusals import Refusal, Refused
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["app", "make_client_app", "clean_room_dir", "dp_sgd_config", "batches_dir"]
+__all__ = ["app", "make_client_app", "clean_room_dir", "dp_sgd_config", "batches_dir", "label_set_dir"]
 
 CLEAN_ROOM_ID = "clean-room-id"
 CLEAN_ROOM_DIR = "clean-room-dir"
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 _DP_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name.startswith("dp_"))
 ACCOUNTANT_FILE = "dp_accountant.json"
-ERROR_REJECTED = 1  # Flower error codes of this app's replies
-ERROR_FAILED = 2
-FAILED_REASON = "the clean room could not compute this round; the details stay in its own log"
+TRAIN_FILE = "train.parquet"
+LEDGER_FILE = "ledger.json"
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +64,22 @@ def clean_room_dir(data_dir: Path, clean_room_id: int) -> Path:
     return Path(data_dir) / f"clean_room_{clean_room_id}"
 
 
+def label_set_dir(directory: Path, label_set: str, *parts: str) -> Path:
+    """``directory/label_set/parts…`` for a label set named by the run config.
+
+    Raises:
+        Refused: ``label_set`` is not a plain name, or the path leads (through a
+            symbolic link) outside the clean room's ``directory``.
+    """
+    try:
+        return resolve_inside(directory, label_set, *parts, what="label set")
+    except ValueError as exc:
+        raise Refused(Refusal.BAD_NAME, str(exc)) from None
+
+
 def batches_dir(directory: Path, *, label_set: str, run_id: int) -> Path:
     """Where a clean room that records payloads keeps the rows of each batch (never sent)."""
-    return Path(directory) / label_set / "batches" / f"run-{run_id}"
+    return label_set_dir(directory, label_set) / "batches" / f"run-{run_id}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,7 @@ class _Node:
     clean_room_id: int
     directory: Path
     dp: DPSGDConfig | None
+    policy: RoomPolicy
 
 
 def dp_sgd_config(config: RunConfig, node_config: Mapping[str, object]) -> DPSGDConfig | None:
@@ -89,16 +110,22 @@ def _node_facts(node_config: Mapping[str, object], config: RunConfig) -> _Node:
         raise ValueError(f"node config needs {CLEAN_ROOM_ID!r} (or Flower's {PARTITION_ID!r} in simulation)")
     clean_room_id = int(raw_id)
     directory = node_config.get(CLEAN_ROOM_DIR)
+    directory = Path(str(directory)) if directory else clean_room_dir(config.data_dir, clean_room_id)
     return _Node(
         clean_room_id=clean_room_id,
-        directory=Path(str(directory)) if directory else clean_room_dir(config.data_dir, clean_room_id),
+        directory=directory,
         dp=dp_sgd_config(config, node_config),
+        policy=RoomPolicy.load(directory),
     )
+
+
+def _run_key(config: RunConfig, run_id: int) -> str:
+    return f"{config.label_set}/run-{run_id}"
 
 
 def _accountant(node: _Node, config: RunConfig, run_id: int) -> PrivacyAccountant:
     """One file per clean room: every run on its rows composes, whatever its label set."""
-    return PrivacyAccountant(node.directory / ACCOUNTANT_FILE, run_key=f"{config.label_set}/run-{run_id}")
+    return PrivacyAccountant(node.directory / ACCOUNTANT_FILE, run_key=_run_key(config, run_id))
 
 
 @dataclass(frozen=True)
@@ -116,29 +143,37 @@ def _released_gradient(
 ) -> tuple[_Released, torch.Tensor]:
     """The round's batch gradient as it may leave, and the rows it was computed on (which stay)."""
     data = load_training_data(
-        node.directory / config.label_set / "train.parquet",
+        label_set_dir(node.directory, config.label_set, TRAIN_FILE),
         num_categorical=len(schema.CATEGORICAL_FIELDS),
         num_dense=len(schema.DENSE_FIELDS),
     )
+    floor = node.policy.batch_floor(ins.min_batch_size)
+    node.policy.check_rows(len(data), floor=floor)
     round_ = ins.binding.round
     if node.dp is None:
         index = batch_indices(
             len(data), round_=round_, batch_size=ins.batch_size, seed=config.seed, clean_room_id=node.clean_room_id
         )
-        grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=ins.min_batch_size)
+        node.policy.check_rows(len(index), floor=floor)
+        grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=floor)
         return _Released(grad.adapter_grad, grad.num_examples, grad.loss, None), index
     # DP-SGD: Poisson sampling from fresh entropy (what the accountant assumes, unknown to the
     # platform); the floor applies to the expected batch size, which is all that is reported.
     sample_rate = min(1.0, ins.batch_size / len(data))
     expected = round(sample_rate * len(data))
-    if expected < ins.min_batch_size:
-        raise ValueError(f"expected DP-SGD batch {expected} is below min_batch_size={ins.min_batch_size}")
+    node.policy.check_rows(expected, floor=floor)
     accountant = _accountant(node, config, run_id)
     if node.dp.target_epsilon is not None and accountant.steps >= config.num_rounds:
-        raise ValueError(f"DP-SGD budget spent: {accountant.steps} steps of the {config.num_rounds} it was set for")
+        raise Refused(Refusal.DP_BUDGET_SPENT, f"{accountant.steps} steps of the {config.num_rounds} it was set for")
     sigma = room.noise_multiplier
     if sigma is None:
         sigma = noise_multiplier_for(node.dp, sample_rate=sample_rate, steps=config.num_rounds)
+    node.policy.check_noise(
+        sigma,
+        total_epsilon_after=accountant.total_epsilon_after(
+            noise_multiplier=sigma, sample_rate=sample_rate, delta=node.dp.delta
+        ),
+    )
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     index = poisson_batch(len(data), sample_rate=sample_rate, generator=generator)
     grad = private_batch_gradient(
@@ -155,100 +190,116 @@ def _released_gradient(
     return _Released(grad.adapter_grad, expected, None, sigma), index
 
 
+def _answer(msg: Message, context: Context, what: str, handle: Callable[[], RecordDict]) -> Message:
+    """The one error boundary: ``handle``'s record as the reply, or a fixed refusal code.
+
+    A refusal's detail, a malformed instruction's reason and any other failure's
+    traceback go to the clean room's log only.
+    """
+    try:
+        return Message(handle(), reply_to=msg)
+    except Refused as exc:
+        log.warning("node %d: %s refused: %s", context.node_id, what, exc)
+        refusal = exc.refusal
+    except ProtocolError as exc:
+        log.warning("node %d: %s rejected: %s", context.node_id, what, exc)
+        refusal = Refusal.MALFORMED
+    except Exception:  # noqa: BLE001 - the detail stays in the clean room's log
+        log.exception("node %d: %s failed", context.node_id, what)
+        refusal = Refusal.FAILED
+    return Message(error=Error(code=int(refusal), reason=refusal.reason), reply_to=msg)
+
+
+def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
+    node = _node_facts(context.node_config, config)
+    label_set_dir(node.directory, config.label_set)  # a plain name inside the clean room, or refused
+    node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
+    torch.set_num_threads(1)  # several clean rooms share the machine in simulation
+    model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
+    length = parameter_counts(model)["adapters"]
+    room = load_state(context.state, length=length)
+    ins = TrainIns.from_record(
+        msg.content,
+        run_id=context.run_id,
+        node_id=context.node_id,
+        last_round=room.last_round,
+        num_adapter_params=length,
+        max_bytes=config.max_message_bytes,
+    )
+    weights = weights_for(room, ins, length=length)
+    node.policy.check_batch_size(ins.batch_size)
+    releases = ReleaseLog(node.directory, run_key=_run_key(config, context.run_id))
+    node.policy.check_releases(releases)
+    round_ = ins.binding.round
+    residual = carried_residual(room, ins, length=length)
+    # From here the round is spent: even if it fails, the same instruction is never served again.
+    save_state(context.state, dataclasses.replace(room, last_round=round_, residual=residual, pending=None))
+    set_adapter_vector(model, torch.from_numpy(weights))
+    released, index = _released_gradient(model, node, config, ins, room, run_id=context.run_id)
+    if config.record_payloads:
+        directory = batches_dir(node.directory, label_set=config.label_set, run_id=context.run_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / f"r{round_:05d}.npy", index.numpy())
+    quantizer = np.random.default_rng(secrets.randbits(128))  # rounding draws the platform cannot know
+    frame, next_residual = compress_with_feedback(released.adapter_grad, residual, config.codec, generator=quantizer)
+    releases.record(num_examples=released.num_examples)  # before anything leaves
+    save_state(
+        context.state,
+        RoomState(
+            held_round=round_,
+            last_round=round_,
+            weights=weights,
+            residual=next_residual,
+            pending=released.adapter_grad + residual - next_residual,  # what this reply carries
+            noise_multiplier=released.noise_multiplier,
+        ),
+    )
+    reply = TrainReply(
+        binding=ins.binding,
+        codec=config.codec,
+        size=length,
+        grad=frame,
+        num_examples=released.num_examples,
+        loss=released.loss,
+    )
+    return reply.to_record()
+
+
+def _query(msg: Message, context: Context, config: RunConfig) -> RecordDict:
+    node = _node_facts(context.node_config, config)
+    ins = LedgerIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
+    ledger = privacy_ledger(node, config, run_id=context.run_id)
+    return LedgerReply(binding=ins.binding, ledger=ledger).to_record()
+
+
 def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``.
 
-    Whatever goes wrong inside the clean room is logged there; the platform gets only a
-    fixed reason (an exception's text could carry paths or, under DP-SGD, exact counts).
-    A malformed instruction is answered with the protocol's reason, which is about the
-    platform's own message.
+    Every handler runs inside :func:`_answer`: the platform gets a reply or a fixed
+    refusal code, never a clean room's error text.
     """
     defaults = dict(defaults or {})
     client_app = ClientApp()
 
+    def config_of(context: Context) -> RunConfig:
+        return RunConfig.from_run_config({**defaults, **context.run_config})
+
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = RunConfig.from_run_config({**defaults, **context.run_config})
-        node = _node_facts(context.node_config, config)
-        torch.set_num_threads(1)  # several clean rooms share the machine in simulation
-        model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
-        length = parameter_counts(model)["adapters"]
-        room = load_state(context.state, length=length)
-        try:
-            ins = TrainIns.from_record(
-                msg.content,
-                run_id=context.run_id,
-                node_id=context.node_id,
-                last_round=room.last_round,
-                num_adapter_params=length,
-                max_bytes=config.max_message_bytes,
-            )
-            weights = weights_for(room, ins, length=length)
-        except ProtocolError as exc:
-            log.warning("clean room %d: instruction rejected: %s", node.clean_room_id, exc)
-            return Message(error=Error(code=ERROR_REJECTED, reason=f"instruction rejected: {exc}"), reply_to=msg)
-        round_ = ins.binding.round
-        residual = carried_residual(room, ins, length=length)
-        # From here the round is spent: even if it fails, the same instruction is never served again.
-        save_state(context.state, dataclasses.replace(room, last_round=round_, residual=residual, pending=None))
-        try:
-            set_adapter_vector(model, torch.from_numpy(weights))
-            released, index = _released_gradient(model, node, config, ins, room, run_id=context.run_id)
-        except Exception:  # noqa: BLE001 - the detail stays in the clean room's log
-            log.exception("clean room %d: round %d failed", node.clean_room_id, round_)
-            return Message(error=Error(code=ERROR_FAILED, reason=FAILED_REASON), reply_to=msg)
-        if config.record_payloads:
-            directory = batches_dir(node.directory, label_set=config.label_set, run_id=context.run_id)
-            directory.mkdir(parents=True, exist_ok=True)
-            np.save(directory / f"r{round_:05d}.npy", index.numpy())
-        quantizer = np.random.default_rng(secrets.randbits(128))  # rounding draws the platform cannot know
-        frame, next_residual = compress_with_feedback(released.adapter_grad, residual, config.codec, generator=quantizer)
-        save_state(
-            context.state,
-            RoomState(
-                held_round=round_,
-                last_round=round_,
-                weights=weights,
-                residual=next_residual,
-                pending=released.adapter_grad + residual - next_residual,  # what this reply carries
-                noise_multiplier=released.noise_multiplier,
-            ),
-        )
-        reply = TrainReply(
-            binding=ins.binding,
-            codec=config.codec,
-            size=length,
-            grad=frame,
-            num_examples=released.num_examples,
-            loss=released.loss,
-        )
-        return Message(reply.to_record(), reply_to=msg)
+        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context)))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        config = RunConfig.from_run_config({**defaults, **context.run_config})
-        node = _node_facts(context.node_config, config)
-        try:
-            ins = LedgerIns.from_record(
-                msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes
-            )
-        except ProtocolError as exc:
-            return Message(error=Error(code=ERROR_REJECTED, reason=f"query rejected: {exc}"), reply_to=msg)
-        try:
-            served = load_state(context.state, length=None).last_round
-            ledger = privacy_ledger(node, config, run_id=context.run_id, rounds_served=served)
-        except Exception:  # noqa: BLE001
-            log.exception("clean room %d: ledger failed", node.clean_room_id)
-            return Message(error=Error(code=ERROR_FAILED, reason=FAILED_REASON), reply_to=msg)
-        return Message(LedgerReply(binding=ins.binding, ledger=ledger).to_record(), reply_to=msg)
+        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context)))
 
     return client_app
 
 
-def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int, rounds_served: int) -> dict[str, object]:
-    """What protected this clean room's records in run ``run_id``."""
-    label_ledger = json.loads((node.directory / config.label_set / "ledger.json").read_text())
+def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int) -> dict[str, object]:
+    """What protected this clean room's records in run ``run_id``: the values it enforced and the releases it made."""
+    label_ledger = json.loads(label_set_dir(node.directory, config.label_set, LEDGER_FILE).read_text())
     label_ledger.pop("source", None)  # a path inside the advertiser's premises
+    releases = ReleaseLog(node.directory, run_key=_run_key(config, run_id))
     if node.dp is None:
         dp_sgd: dict = {"enabled": False}
     else:
@@ -258,9 +309,11 @@ def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int, rounds_served
         "label_set": config.label_set,
         "label_dp": label_ledger,
         "dp_sgd": dp_sgd,
-        "min_batch_size": config.min_batch_size,
+        "min_batch_size": node.policy.batch_floor(config.min_batch_size),
+        "policy": node.policy.to_ledger(),
+        "releases": releases.summary(),
         "codec": str(config.codec),
-        "rounds_served": rounds_served,
+        "rounds_served": releases.in_run,
     }
 
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from opacus.optimizers import DPOptimizer
 
 from pcvr.clean_room.dataset import CleanRoomData
 from pcvr.clean_room.task import BatchGradient
-from pcvr.data.io import DataError
+from pcvr.data.io import DataError, write_json_atomic
 from pcvr.models.cvr import GatedLoRALinear, adapter_grad_vector, adapter_parameters
 from pcvr.protocols.label_dp import Correction, corrected_loss
 
@@ -309,6 +307,14 @@ class PrivacyAccountant:
         """ε of all runs in the file composed: every run used the same clean-room data."""
         return epsilon_of([entry for key in sorted(self._runs) for entry in self._runs[key]], delta=delta)
 
+    def total_epsilon_after(self, *, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+        """ε of all runs composed if one more release at (σ, q) were recorded in this run."""
+        runs = dict(self._runs)
+        runs[self.run_key] = _append_step(
+            runs.get(self.run_key, []), noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate)
+        )
+        return epsilon_of([entry for key in sorted(runs) for entry in runs[key]], delta=delta)
+
     def summary(self, *, delta: float) -> dict:
         """The latest (σ, q), this run's steps and ε, and ε over all runs, at ``delta``."""
         history = self._runs.get(self.run_key, [])
@@ -380,19 +386,8 @@ def _parse_history(path: Path, run_key: str, entries: object) -> History:
 
 
 def _save_runs(path: Path, runs: dict[str, History]) -> None:
-    """Write via a temporary file in the same folder, fsync, then an atomic rename."""
     document = {"version": _FILE_VERSION, "runs": {key: [list(entry) for entry in runs[key]] for key in sorted(runs)}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(document, indent=1) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, document)
 
 
 def _is_number(value: object) -> bool:

@@ -8,9 +8,10 @@ the row (0-based, as in the file), and raises :class:`DataError` — a
 from __future__ import annotations
 
 import enum
+import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,17 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-__all__ = ["DataError", "Kind", "read_table", "require_unique", "require_values_in", "write_parquet_atomic"]
+__all__ = [
+    "DataError",
+    "Kind",
+    "read_table",
+    "require_unique",
+    "require_values_in",
+    "write_atomic",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_parquet_atomic",
+]
 
 
 class DataError(ValueError):
@@ -116,15 +127,36 @@ def require_values_in(table: pa.Table, column: str, allowed: tuple, *, path: Pat
         )
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` via a temporary file and an atomic rename."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(staging)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
+
+    A reader sees the old file or the complete new one, never a half-written one;
+    on any error the temporary file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, staging)
+        write(Path(staging))
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda staging: staging.write_bytes(data))
+
+
+def write_json_atomic(path: Path, document: object) -> None:
+    """Write ``document`` as indented JSON to ``path`` atomically (:func:`write_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(document, indent=2) + "\n").encode())
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` via a temporary file and an atomic rename."""
+    write_atomic(path, lambda staging: pq.write_table(table, staging))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "parameter_counts",
     "save_backbone",
     "load_backbone",
+    "backbone_digest",
 ]
 
 
@@ -197,11 +199,36 @@ def save_backbone(model: CVRNet, directory: Path) -> None:
 
 
 def load_backbone(directory: Path) -> CVRNet:
-    """Load a backbone saved by :func:`save_backbone`; every parameter frozen."""
+    """Load a backbone saved by :func:`save_backbone`; every parameter frozen.
+
+    Raises:
+        ValueError: a file is missing, unreadable or does not hold a backbone (one line, naming it).
+    """
     directory = Path(directory)
-    config = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    config_path, weights_path = directory / "config.json", directory / "backbone.pt"
+    try:
+        config = ModelConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{config_path}: not a backbone config: {_first_line(exc)}") from None
     model = CVRNet(config)
-    model.load_state_dict(torch.load(directory / "backbone.pt", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(weights_path, weights_only=True))
+    except Exception as exc:  # torch raises many types on a corrupt or foreign file
+        raise ValueError(f"{weights_path}: not a backbone saved by pcvr ({type(exc).__name__})") from None
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
+
+
+def backbone_digest(model: CVRNet) -> bytes:
+    """BLAKE2b-128 of a backbone's config and every weight (pass it before adapters are attached)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -35,6 +35,7 @@ from pcvr.protocols.messages import (
     TrainReply,
     record_to_bytes,
 )
+from pcvr.protocols.refusals import Refusal
 from pcvr.protocols.run_config import RunConfig
 
 __all__ = [
@@ -144,8 +145,8 @@ def receive_replies(
                 raise ProtocolError(f"reply from node {node}, which was not asked this round")
             if node in accepted:
                 raise ProtocolError("a second reply for this round (replayed)")
-            if reply.has_error():
-                raise ProtocolError(f"clean room error: {reply.error.reason}")
+            if reply.has_error():  # its code only: the text is not a clean room's to choose
+                raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
             accepted[node] = TrainReply.from_record(
                 reply.content,
                 expected=expected[node],
@@ -267,7 +268,7 @@ def collect_ledgers(grid: Grid, nodes: list[int], *, run_id: int, config: RunCon
             continue
         try:
             if reply.has_error():
-                raise ProtocolError(f"clean room error: {reply.error.reason}")
+                raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
             ledger = LedgerReply.from_record(reply.content, expected=expected[node], max_bytes=config.max_message_bytes)
             ledgers[str(node)] = ledger.ledger
         except ProtocolError as exc:
