@@ -7,22 +7,28 @@
     pcvr certs --out DIR [--hosts H,...] [--clean-rooms N]  TLS CA + SuperLink certificate, SuperNode keys
     pcvr deploy local [options]     every party as a real process: SuperLink + SuperNodes, TLS + node auth
 
-Bad input ends with one line, ``pcvr: error: …``, and exit status 2.
+Bad input ends with one line, ``pcvr: error: …``, naming the file or the flag, and exit
+status 2 (``--debug`` shows the traceback instead); a simulation in which a clean room
+failed ends with one such line naming the room and the reason, and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
 from pcvr.advertiser.policy import ConsentPolicy
+from pcvr.data.schema import ConsentLevel
 from pcvr.data.synth import WorldConfig, synthesize
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.run_config import RunConfig
 
 __all__ = ["main"]
 
@@ -50,7 +56,9 @@ def _world_config(args: argparse.Namespace) -> WorldConfig:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_world_arguments(parser, rows=600_000)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/demo"), help="(default: %(default)s)")
-    parser.add_argument("--epsilon", type=float, default=3.0, help="label-DP ε of standard consent (default: %(default)s)")
+    parser.add_argument(
+        "--epsilon", type=float, default=None, help="label-DP ε of standard consent (default: the policy's standard ε)"
+    )
     parser.add_argument(
         "--correction", default="forward", choices=[c.value for c in Correction], help="(default: %(default)s)"
     )
@@ -69,14 +77,30 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp-clip-norm", type=float, default=1.0, help="DP-SGD per-example clip (default: %(default)s)")
 
 
+def _epsilon(args: argparse.Namespace, policy: ConsentPolicy) -> float:
+    """``--epsilon``, or the policy's standard ε; a ``--policy`` file that says otherwise is an error."""
+    standard = policy.epsilon_for(ConsentLevel.STANDARD)
+    if args.epsilon is None:
+        if standard is None or math.isinf(standard):
+            raise ValueError(f"--policy {args.policy}: standard consent has no finite ε; give --epsilon")
+        return standard
+    if args.policy is not None and args.epsilon != standard:
+        raise ValueError(
+            f"--epsilon {args.epsilon:g} disagrees with --policy {args.policy} (standard = {standard}); give one or make them agree"
+        )
+    return args.epsilon
+
+
 def _spec(args: argparse.Namespace):
+    """The run the flags describe, every flag validated (before anything is prepared)."""
     from pcvr.simulate import SimulationSpec
 
+    policy = ConsentPolicy.from_file(args.policy) if args.policy else ConsentPolicy.default()
     return SimulationSpec(
         work_dir=args.work_dir,
         world=_world_config(args),
-        policy=ConsentPolicy.from_file(args.policy) if args.policy else ConsentPolicy.default(),
-        epsilon=args.epsilon,
+        policy=policy,
+        epsilon=_epsilon(args, policy),
         correction=Correction.parse(args.correction),
         num_rounds=args.rounds,
         batch_size=args.batch_size,
@@ -105,16 +129,20 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared {spec.work_dir}: label sets {', '.join(spec.label_sets())}")
 
 
-def _cmd_simulate(args: argparse.Namespace) -> None:
-    from pcvr.simulate import format_table, simulate
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from pcvr.simulate import SUMMARY_FILE, format_table, simulate
 
     summary = simulate(_spec(args))
     if args.json:
-        keys = ("results", "rounds", "wall_s", "bytes_up", "bytes_down", "codec", "downstream_codec", "parameters")
+        keys = ("results", "failures", "rounds", "wall_s", "bytes_up", "bytes_down", "codec", "downstream_codec", "parameters")
         print(json.dumps({k: summary[k] for k in keys}))
     else:
         print(format_table(summary))
-        print(f"\nfull summary: {args.work_dir / 'summary.json'}")
+        print(f"\nfull summary: {args.work_dir / SUMMARY_FILE}")
+    if summary["failures"]:
+        print(f"pcvr: error: {summary['failures'][0]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -194,6 +222,8 @@ def _cmd_deploy_local(args: argparse.Namespace) -> None:
 
 
 def _print_deploy_result(result: dict, *, label_set: str, run_dir: Path) -> None:
+    if result.get("failures"):
+        raise RuntimeError(f"the run failed: {result['failures'][0]} (results and logs in {run_dir})")
     final = result["final"]
     print(
         f"\n{'setting':<22} {'AUC':>7} {'NE':>7} {'calibration':>12} {'bytes up/round':>15} {'bytes down/round':>17}\n"
@@ -247,8 +277,16 @@ def _cmd_deploy_run(args: argparse.Namespace) -> None:
     _print_deploy_result(run_training(layout, env, config.to_run_config()), label_set=args.label_set, run_dir=layout.run_dir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"pcvr: error: {self.prog}: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcvr", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="pcvr", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -330,13 +368,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# run-config keys whose flag has another name; every other key is its own flag
+_FLAG_OF_KEY = {"num-rounds": "--rounds", "clean-rooms": "--advertisers", "data-dir": "--work-dir"}
+_RUN_CONFIG_KEY = re.compile(
+    r"(?<![\w-])("
+    + "|".join(sorted((re.escape(f.name.replace("_", "-")) for f in dataclasses.fields(RunConfig)), key=len, reverse=True))
+    + r")(?![\w-])"
+)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line, in the user's terms: the file it concerns, or the flags (not run-config keys)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or type(error).__name__}"
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if text.startswith("run config: "):
+        text = _RUN_CONFIG_KEY.sub(lambda m: _FLAG_OF_KEY.get(m[1], f"--{m[1]}"), text.removeprefix("run config: "))
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # a usage error (one line, see _Parser) or --help
+        return int(stop.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         status = args.func(args)
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as exc:
-        print(f"pcvr: error: {exc}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - the top: every error ends as one line
+        if args.debug:
+            raise
+        print(f"pcvr: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return status or 0
 

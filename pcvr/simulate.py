@@ -8,8 +8,9 @@
 4. for each setting, Flower's simulation engine runs the platform's ServerApp and
    one ClientApp per clean room; the platform evaluates on the holdout's true labels.
 
-Preparation is idempotent: what a work directory already holds is reused, so
-settings can be re-run without regenerating data or pretraining again.
+Preparation is idempotent: what a work directory already holds is reused while the
+inputs it was made from are unchanged (:mod:`pcvr.data.prepared`), so settings can be
+re-run without regenerating data or pretraining again; a changed input is rebuilt.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pcvr.clean_room.app import clean_room_dir, make_client_app
 from pcvr.clean_room.dataset import join_inputs
 from pcvr.clean_room.policy import POLICY_FILE, RoomPolicy
 from pcvr.data import schema
-from pcvr.data.io import write_bytes_atomic
+from pcvr.data.io import write_bytes_atomic, write_json_atomic
+from pcvr.data.prepared import prepare_artifact, require_secret
 from pcvr.data.synth import WorldConfig, synthesize
 from pcvr.models.cvr import ModelConfig, attach_adapters, load_backbone, parameter_counts, save_backbone
 from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
@@ -50,6 +52,7 @@ __all__ = ["SimulationSpec", "prepare", "run_setting", "simulate", "format_table
 
 log = logging.getLogger(__name__)
 NON_PRIVATE = "non_private"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class SimulationSpec:
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0 or math.isinf(self.epsilon):
-            raise ValueError(f"epsilon must be a finite number > 0; got {self.epsilon}")
+            raise ValueError(f"--epsilon must be a finite number > 0; got {self.epsilon}")
+        self.run_config(label_set=self.private_label_set, correction=self.correction, name=NON_PRIVATE)  # every run flag, now
 
     @property
     def private_label_set(self) -> str:
@@ -116,16 +120,43 @@ class SimulationSpec:
 
 
 def _load_existing_world(world_dir: Path, config: WorldConfig) -> dict:
-    summary = json.loads((world_dir / "world.json").read_text())
-    stored = {k: (tuple(map(tuple, v)) if k == "consent_mix" else v) for k, v in summary["config"].items()}
-    if WorldConfig(**stored) != config:
+    path = world_dir / "world.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        stored = {k: (tuple(map(tuple, v)) if k == "consent_mix" else v) for k, v in summary["config"].items()}
+        existing = WorldConfig(**stored)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a world summary written by pcvr ({type(exc).__name__}); use a new --work-dir") from None
+    if existing != config:
         raise ValueError(f"{world_dir} holds a world generated with other settings; use a new --work-dir")
     return summary
 
 
+def _load_secrets(work: Path, advertiser: int) -> tuple[bytes, bytes]:
+    """Advertiser ``advertiser``'s join and RR secrets, created on first use only.
+
+    A secret missing beside data made with it is an error: a new join secret would not
+    match those join keys, and a new RR secret would randomize the same labels again.
+    """
+    secrets = work / "secrets" / f"advertiser_{advertiser}"
+    room = clean_room_dir(work, advertiser)
+    labelled = sorted(room.glob("*/labels.parquet"))
+    require_secret(secrets / "join.key", made_with_it=[room / "features.parquet", *labelled])
+    require_secret(secrets / "rr.key", made_with_it=labelled)
+    join_secret = load_or_create_secret(secrets / "join.key")  # agreed by the advertiser and the platform
+    rr_secret = load_or_create_secret(secrets / "rr.key")  # the advertiser's alone
+    return join_secret, rr_secret
+
+
 def prepare(spec: SimulationSpec) -> dict:
-    """Create (or reuse) the world, backbone, exports, hand-offs and joins under ``spec.work_dir``."""
+    """Create the world, backbone, exports, hand-offs and joins under ``spec.work_dir``, or reuse them.
+
+    Each artifact is reused only if the inputs it records (:mod:`pcvr.data.prepared`:
+    data files, secrets, consent policy, model settings) are unchanged, and rebuilt
+    otherwise; the world itself is never regenerated under other settings.
+    """
     work = spec.work_dir
+    secrets = [_load_secrets(work, k) for k in range(spec.world.advertisers)]
     world_dir = work / "world"
     if (world_dir / "world.json").exists():
         world = _load_existing_world(world_dir, spec.world)
@@ -133,49 +164,65 @@ def prepare(spec: SimulationSpec) -> dict:
         log.info("synthesizing %d clean-room rows into %s", spec.world.rows, world_dir)
         world = synthesize(world_dir, spec.world)
 
-    if not (backbone_dir(work) / "backbone.pt").exists():
-        features, labels, _ = read_labelled(world_dir / "platform" / "pretrain.parquet", buckets=spec.model.buckets)
+    pretrain_path = world_dir / "platform" / "pretrain.parquet"
+
+    def pretrain() -> None:
+        features, labels, _ = read_labelled(pretrain_path, buckets=spec.model.buckets)
         backbone = pretrain_backbone(
             features, labels, config=spec.model, epochs=spec.pretrain_epochs, generator=torch.Generator().manual_seed(spec.seed)
         )
         save_backbone(backbone, backbone_dir(work))
 
+    prepare_artifact(
+        backbone_dir(work),
+        {"pretrain": pretrain_path, "model": dataclasses.asdict(spec.model), "epochs": spec.pretrain_epochs, "seed": spec.seed},
+        pretrain,
+    )
     ledgers: dict[str, list[dict]] = {}
-    for k in range(spec.world.advertisers):
-        secrets = work / "secrets" / f"advertiser_{k}"
-        join_secret = load_or_create_secret(secrets / "join.key")  # agreed by advertiser k and the platform
-        rr_secret = load_or_create_secret(secrets / "rr.key")  # the advertiser's alone
+    for k, (join_secret, rr_secret) in enumerate(secrets):
         room = clean_room_dir(work, k)
         # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
         write_bytes_atomic(room / POLICY_FILE, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
-        if not (room / "features.parquet").exists():
-            export_for_clean_room(
-                world_dir / "platform" / "features" / f"advertiser_{k}.parquet",
-                room / "features.parquet",
-                join_secret=join_secret,
-                buckets=spec.model.buckets,
-            )
-        if not (room / "backbone" / "backbone.pt").exists():
-            shutil.copytree(backbone_dir(work), room / "backbone", dirs_exist_ok=True)
+        platform_features = world_dir / "platform" / "features" / f"advertiser_{k}.parquet"
+        prepare_artifact(
+            room / "features.parquet",
+            {"features": platform_features, "join_secret": join_secret, "buckets": list(spec.model.buckets)},
+            lambda: export_for_clean_room(
+                platform_features, room / "features.parquet", join_secret=join_secret, buckets=spec.model.buckets
+            ),
+        )
+        prepare_artifact(room / "backbone", {"backbone": backbone_dir(work)}, lambda: _copy_backbone(work, room))
+        conversions = world_dir / f"advertiser_{k}" / "conversions.parquet"
         for name, policy in spec.label_sets().items():
             label_dir = room / name
-            if not (label_dir / "train.parquet").exists():
-                hand_off(
-                    world_dir / f"advertiser_{k}" / "conversions.parquet",
-                    label_dir,
-                    policy=policy,
-                    join_secret=join_secret,
-                    rr_secret=rr_secret,
-                )
-                join_inputs(
-                    room / "features.parquet",
-                    label_dir / "labels.parquet",
-                    label_dir / "train.parquet",
-                    num_categorical=len(schema.CATEGORICAL_FIELDS),
-                    num_dense=len(schema.DENSE_FIELDS),
-                )
+            inputs = {
+                "conversions": conversions,
+                "consent_policy": policy.to_dict(),
+                "features": room / "features.parquet",
+                "join_secret": join_secret,
+                "rr_secret": rr_secret,
+            }
+            prepare_artifact(label_dir, inputs, lambda: _hand_off_and_join(conversions, room, label_dir, policy, join_secret, rr_secret))
             ledgers.setdefault(name, []).append(json.loads((label_dir / "ledger.json").read_text()))
     return {"world": world, "ledgers": ledgers}
+
+
+def _copy_backbone(work: Path, room: Path) -> None:
+    shutil.rmtree(room / "backbone", ignore_errors=True)
+    shutil.copytree(backbone_dir(work), room / "backbone")
+
+
+def _hand_off_and_join(
+    conversions: Path, room: Path, label_dir: Path, policy: ConsentPolicy, join_secret: bytes, rr_secret: bytes
+) -> None:
+    hand_off(conversions, label_dir, policy=policy, join_secret=join_secret, rr_secret=rr_secret)
+    join_inputs(
+        room / "features.parquet",
+        label_dir / "labels.parquet",
+        label_dir / "train.parquet",
+        num_categorical=len(schema.CATEGORICAL_FIELDS),
+        num_dense=len(schema.DENSE_FIELDS),
+    )
 
 
 def _quiet_flower() -> None:
@@ -211,12 +258,19 @@ def run_setting(
 
 
 def simulate(spec: SimulationSpec) -> dict:
-    """Prepare, then run the backbone, non-private, corrected and uncorrected settings."""
+    """Prepare, then run the backbone, non-private, corrected and uncorrected settings.
+
+    A setting that fails (a clean room failed its pre-flight check or served too few
+    rounds, or no update was applied) stops the simulation: its row says FAILED and
+    ``summary["failures"]`` names the room and the reason. ``summary.json`` of an
+    earlier run is removed first, so it never stands beside new results.
+    """
     started = time.monotonic()
+    (spec.work_dir / SUMMARY_FILE).unlink(missing_ok=True)
     prepared = prepare(spec)
     backbone = load_backbone(backbone_dir(spec.work_dir))
     features, labels, true_prob = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
-    results = {"backbone": holdout_metrics(labels, predict(backbone, features))}
+    results: dict[str, dict] = {"backbone": holdout_metrics(labels, predict(backbone, features))}
     if true_prob is not None:
         results["oracle"] = holdout_metrics(labels, true_prob)
     eps = spec.private_label_set
@@ -227,18 +281,26 @@ def simulate(spec: SimulationSpec) -> dict:
     if spec.correction is not Correction.NONE:
         runs[f"{eps},none"] = (eps, Correction.NONE)
     bytes_up = bytes_down = 0
+    failures: list[str] = []
     for name, (label_set, correction) in runs.items():
         result = run_setting(spec, name=name, label_set=label_set, correction=correction)
+        served = {room: entry["served"] for room, entry in result["participation"].items()}
+        if result["failures"]:
+            results[name] = {"failed": result["failures"][0], "served": served}
+            failures += [f"setting {name}: {line}" for line in result["failures"]]
+            break
         results[name] = {
             **{key: result["final"][key] for key in ("auc", "ne", "calibration")},
             "bytes_up_per_round": result["bytes_up_per_round"],
             "bytes_down_per_round": result["bytes_down_per_round"],
             "rejected": result["rejected"],
+            "served": served,
         }
         bytes_up += result["bytes_up"]
         bytes_down += result["bytes_down"]
     summary = {
         "results": results,
+        "failures": failures,
         "rounds": spec.num_rounds,
         "clean_rooms": spec.world.advertisers,
         "wall_s": round(time.monotonic() - started, 1),
@@ -251,22 +313,26 @@ def simulate(spec: SimulationSpec) -> dict:
         "downstream_codec": str(spec.downstream_codec),
         "ledger": prepared["ledgers"][eps],
     }
-    (spec.work_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(spec.work_dir / SUMMARY_FILE, summary)
     return summary
 
 
 def format_table(summary: dict) -> str:
-    """A fixed-width table of the settings, with AUC relative to ``non_private``."""
+    """A fixed-width table of the settings, with AUC relative to ``non_private``; a failed setting says FAILED."""
     results = summary["results"]
     reference = results.get(NON_PRIVATE, {}).get("auc")
     lines = [
         f"{'setting':<22} {'AUC':>7} {'ΔAUC vs non_private':>20} {'NE':>7} {'calibration':>12}"
-        f" {'bytes up/round':>15} {'bytes down/round':>17}"
+        f" {'bytes up/round':>15} {'bytes down/round':>17}  rounds served per clean room"
     ]
     for name, metrics in results.items():
+        served = "/".join(str(n) for n in metrics["served"].values()) if "served" in metrics else ""
+        if "failed" in metrics:
+            lines.append(f"{name:<22} {'FAILED':>7}  {metrics['failed']}")
+            continue
         delta = "" if reference is None else f"{100 * (metrics['auc'] / reference - 1):+.2f}%"
         wire = (
-            f" {metrics['bytes_up_per_round']:>15,.0f} {metrics['bytes_down_per_round']:>17,.0f}"
+            f" {metrics['bytes_up_per_round']:>15,.0f} {metrics['bytes_down_per_round']:>17,.0f}  {served}"
             if "bytes_up_per_round" in metrics
             else ""
         )

@@ -137,3 +137,59 @@ def test_dp_sgd_is_accounted_per_clean_room_across_runs(small_run):
         assert first["dp_sgd"]["enabled"] and first["dp_sgd"]["steps"] == 4 and first["dp_sgd"]["noise_multiplier"] == 1.0
         assert 0 < first["dp_sgd"]["epsilon"] == pytest.approx(second["dp_sgd"]["epsilon"])  # same σ, q, steps
         assert second["dp_sgd"]["total_epsilon"] > second["dp_sgd"]["epsilon"]  # both runs used the same rows
+
+
+def test_a_clean_room_with_fewer_rows_than_the_floor_fails_the_run_before_round_1(small_run):
+    """Every room is short of a 60,000-row batch: no round is run, and each room is named with its reason."""
+    from pcvr.protocols.label_dp import Correction
+    from pcvr.simulate import run_setting
+
+    spec, _ = small_run
+    result = run_setting(
+        spec, name="too-few-rows", label_set="eps=3", correction=Correction.FORWARD, num_rounds=2, eval_every=2,
+        batch_size=60_000, min_batch_size=60_000,
+    )
+    assert result["rounds"] == 0 and result["steps"] == 0 and result["final"] is None
+    reason = "pre-flight check failed: clean room refused: too_few_rows"
+    assert sorted(line.split(":", 1)[0] for line in result["failures"] if reason in line) == [f"clean room {k}" for k in range(3)]
+    assert {entry["served"] for entry in result["participation"].values()} == {0}
+
+
+def test_a_clean_room_with_another_backbone_is_named_and_fails_the_run(small_run):
+    import shutil
+
+    import torch
+
+    from pcvr.protocols.label_dp import Correction
+    from pcvr.simulate import run_setting
+
+    spec, _ = small_run
+    weights = spec.work_dir / "clean_room_1" / "backbone" / "backbone.pt"
+    shutil.copy(weights, weights.with_suffix(".good"))
+    try:
+        state = torch.load(weights, weights_only=True)
+        name = next(key for key, value in state.items() if value.is_floating_point())
+        state[name] = state[name] + 0.01
+        torch.save(state, weights)
+        result = run_setting(spec, name="other-backbone", label_set="eps=3", correction=Correction.FORWARD, num_rounds=2, eval_every=2)
+    finally:
+        shutil.move(weights.with_suffix(".good"), weights)
+    assert result["failures"][0] == (
+        "clean room 1: pre-flight check failed: clean room refused: backbone_mismatch: the clean room's backbone is not the platform's"
+    )
+    assert result["participation"]["clean room 0"]["preflight"] == "passed"
+
+
+def test_a_simulation_whose_clean_rooms_cannot_serve_exits_non_zero_naming_the_room(tmp_path, capsys):
+    """The probe: `pcvr simulate --rows 3000 --rounds 2` (each clean room has ~950 rows, the floor is 1024)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "summary.json").write_text('{"stale": true}')
+    code = main(["simulate", "--work-dir", str(work), "--rows", "3000", "--rounds", "2", "--eval-every", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("pcvr:")]
+    assert line.startswith("pcvr: error: setting non_private: clean room ") and "too_few_rows" in line
+    assert "FAILED" in out.split("non_private", 1)[1].splitlines()[0]
+    summary = json.loads((work / "summary.json").read_text())
+    assert "stale" not in summary and summary["failures"]

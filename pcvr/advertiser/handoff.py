@@ -8,7 +8,6 @@ label so the clean room can de-bias. A ledger records what was applied to whom.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pyarrow as pa
 
 from pcvr.advertiser.policy import ConsentPolicy
 from pcvr.data import schema
-from pcvr.data.io import DataError, Kind, read_table, require_unique, require_values_in, write_parquet_atomic
+from pcvr.data.io import DataError, Kind, read_table, require_unique, require_values_in, write_json_atomic, write_parquet_atomic
 from pcvr.protocols.keys import prf_uniforms, pseudonymous_keys
 from pcvr.protocols.label_dp import flip_prob, randomized_response
 
@@ -119,6 +118,5 @@ def hand_off(
     )
     out_dir = Path(out_dir)
     write_parquet_atomic(labels, out_dir / "labels.parquet")
-    ledger_json = {**ledger.to_dict(), "policy": policy.to_dict()}
-    (out_dir / "ledger.json").write_text(json.dumps(ledger_json, indent=2) + "\n")
+    write_json_atomic(out_dir / "ledger.json", {**ledger.to_dict(), "policy": policy.to_dict()})
     return ledger

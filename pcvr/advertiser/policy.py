@@ -72,8 +72,8 @@ class ConsentPolicy:
     def from_file(cls, path: Path) -> "ConsentPolicy":
         path = Path(path)
         try:
-            document = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"{path}: cannot read consent policy: {exc}") from None
         if not isinstance(document.get("levels"), dict):
             raise ValueError(f"{path}: consent policy needs a [levels] table")

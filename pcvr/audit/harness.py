@@ -210,6 +210,8 @@ def _run(spec: SimulationSpec, setting: AuditSetting) -> tuple[dict, dict[int, i
         record_payloads=True,
         **({} if setting.learning_rate is None else {"learning_rate": setting.learning_rate}),
     )
+    if result["failures"]:
+        raise RuntimeError(f"audit {setting.name}: the recorded run failed: {result['failures'][0]}")
     ledger = json.loads((spec.work_dir / "runs" / setting.label_set / "privacy_ledger.json").read_text())
     missing = {node: entry["error"] for node, entry in ledger["clean_rooms"].items() if "error" in entry}
     if missing:

@@ -39,9 +39,18 @@ from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
 from pcvr.data import schema
-from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts, set_adapter_vector
+from pcvr.models.cvr import attach_adapters, backbone_digest, load_backbone, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
-from pcvr.protocols.messages import LedgerIns, LedgerReply, ProtocolError, TrainIns, TrainReply
+from pcvr.protocols.messages import (
+    PREFLIGHT_ACTION,
+    LedgerIns,
+    LedgerReply,
+    PreflightIns,
+    PreflightReply,
+    ProtocolError,
+    TrainIns,
+    TrainReply,
+)
 from pcvr.protocols.names import resolve_inside
 from pcvr.protocols.refusals import Refusal, Refused
 from pcvr.protocols.run_config import RunConfig
@@ -190,24 +199,55 @@ def _released_gradient(
     return _Released(grad.adapter_grad, expected, None, sigma), index
 
 
-def _answer(msg: Message, context: Context, what: str, handle: Callable[[], RecordDict]) -> Message:
-    """The one error boundary: ``handle``'s record as the reply, or a fixed refusal code.
+def _guarded(context: Context, what: str, handle: Callable[[], RecordDict | None]) -> tuple[RecordDict | None, Refusal | None]:
+    """The one error boundary: ``handle``'s record, or the fixed refusal code for whatever it raised.
 
     A refusal's detail, a malformed instruction's reason and any other failure's
     traceback go to the clean room's log only.
     """
     try:
-        return Message(handle(), reply_to=msg)
+        return handle(), None
     except Refused as exc:
         log.warning("node %d: %s refused: %s", context.node_id, what, exc)
-        refusal = exc.refusal
+        return None, exc.refusal
     except ProtocolError as exc:
         log.warning("node %d: %s rejected: %s", context.node_id, what, exc)
-        refusal = Refusal.MALFORMED
+        return None, Refusal.MALFORMED
     except Exception:  # noqa: BLE001 - the detail stays in the clean room's log
         log.exception("node %d: %s failed", context.node_id, what)
-        refusal = Refusal.FAILED
+        return None, Refusal.FAILED
+
+
+def _answer(msg: Message, context: Context, what: str, handle: Callable[[], RecordDict]) -> Message:
+    """``handle``'s record as the reply, or an error carrying only a refusal code and its fixed text."""
+    record, refusal = _guarded(context, what, handle)
+    if refusal is None:
+        return Message(record, reply_to=msg)
     return Message(error=Error(code=int(refusal), reason=refusal.reason), reply_to=msg)
+
+
+def _check_ready(node: _Node, config: RunConfig, ins: PreflightIns) -> None:
+    """Everything round 1 will need, checked before it: names, policy, backbone, rows, files."""
+    label_set_dir(node.directory, config.label_set)
+    node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
+    node.policy.check_batch_size(ins.batch_size)
+    node.policy.check_releases(ReleaseLog(node.directory, run_key=_run_key(config, ins.binding.run_id)))
+    if backbone_digest(load_backbone(node.directory / "backbone")) != ins.backbone_digest:
+        raise Refused(Refusal.BACKBONE_MISMATCH, f"{node.directory / 'backbone'} differs from the platform's backbone")
+    json.loads(label_set_dir(node.directory, config.label_set, LEDGER_FILE).read_text())
+    data = load_training_data(
+        label_set_dir(node.directory, config.label_set, TRAIN_FILE),
+        num_categorical=len(schema.CATEGORICAL_FIELDS),
+        num_dense=len(schema.DENSE_FIELDS),
+    )
+    node.policy.check_rows(min(len(data), ins.batch_size), floor=node.policy.batch_floor(ins.min_batch_size))
+
+
+def _preflight(msg: Message, context: Context, config: RunConfig) -> RecordDict:
+    node = _node_facts(context.node_config, config)
+    ins = PreflightIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
+    _, refusal = _guarded(context, "pre-flight", lambda: _check_ready(node, config, ins))
+    return PreflightReply(binding=ins.binding, clean_room_id=node.clean_room_id, refusal=int(refusal or 0)).to_record()
 
 
 def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
@@ -291,6 +331,10 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
         return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context)))
+
+    @client_app.query(PREFLIGHT_ACTION)
+    def preflight(msg: Message, context: Context) -> Message:
+        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context)))
 
     return client_app
 

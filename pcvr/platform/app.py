@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,13 +11,16 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from pcvr.models.cvr import load_backbone, parameter_counts
+from pcvr.data.io import write_json_atomic
+from pcvr.models.cvr import backbone_digest, load_backbone, parameter_counts
 from pcvr.platform.federation import Holdout, run_federated_training
 from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols.run_config import RunConfig
 
 __all__ = ["app", "make_server_app", "backbone_dir", "holdout_path", "write_privacy_ledger"]
+
+log = logging.getLogger(__name__)
 
 
 def backbone_dir(data_dir: Path) -> Path:
@@ -42,9 +45,7 @@ def write_privacy_ledger(path: Path, config: RunConfig, *, run_id: int, ledgers:
         },
         "clean_rooms": {node: ledgers[node] for node in sorted(ledgers)},
     }
-    staging = Path(path).with_suffix(".tmp")
-    staging.write_text(json.dumps(ledger, indent=2) + "\n")
-    staging.replace(path)
+    write_json_atomic(path, ledger)
     return ledger
 
 
@@ -58,21 +59,26 @@ def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
         started = time.monotonic()
         config = RunConfig.from_run_config({**defaults, **context.run_config})
         backbone = load_backbone(backbone_dir(config.data_dir))
+        digest = backbone_digest(backbone)
         features, labels, _ = read_labelled(holdout_path(config.data_dir), buckets=backbone.config.buckets)
         trainer = AdapterTrainer(
             backbone, learning_rate=config.learning_rate, total_steps=config.num_rounds, seed=config.seed
         )
         torch.set_num_threads(1)
-        run_log = run_federated_training(grid, config, trainer, Holdout(features, labels))
+        run_log = run_federated_training(grid, config, trainer, Holdout(features, labels), backbone=digest)
         write_privacy_ledger(config.run_dir / "privacy_ledger.json", config, run_id=grid.run.run_id, ledgers=run_log.ledgers)
-        run_log.write(
+        result = run_log.write(
             config.run_dir / "result.json",
+            rounds=config.num_rounds,
+            min_share=config.min_participation,
             run_id=grid.run.run_id,
             config=config.to_run_config(),
             parameters=parameter_counts(trainer.model),
-            final=run_log.evaluations[-1],
+            final=run_log.evaluations[-1] if run_log.evaluations else None,
             wall_s=time.monotonic() - started,
         )
+        for line in result["failures"]:
+            log.error("run failed: %s", line)
 
     return server_app
 

@@ -25,11 +25,14 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pcvr.models.features import EncodedFeatures
 from pcvr.platform.downlink import Downlink
-from pcvr.platform.training import AdapterTrainer, RunLog, aggregate
+from pcvr.platform.training import AdapterTrainer, Participation, RunLog, aggregate, clip_room_gradient
 from pcvr.protocols.messages import (
     Binding,
+    PREFLIGHT_ACTION,
     LedgerIns,
     LedgerReply,
+    PreflightIns,
+    PreflightReply,
     ProtocolError,
     TrainIns,
     TrainReply,
@@ -44,6 +47,7 @@ __all__ = [
     "PayloadRecorder",
     "receive_replies",
     "apply_round",
+    "preflight",
     "run_federated_training",
     "collect_ledgers",
 ]
@@ -154,6 +158,7 @@ def receive_replies(
                 num_adapter_params=num_adapter_params,
                 min_batch_size=config.min_batch_size,
                 max_bytes=config.max_message_bytes,
+                max_examples=config.batch_size,
             )
         except ProtocolError as exc:
             rejected.append({"round": round_, "node": node, "reason": str(exc)})
@@ -176,22 +181,75 @@ def apply_round(
     length = trainer.num_adapter_params
     accepted, rejected = receive_replies(replies, round_=round_, expected=expected, config=config, num_adapter_params=length)
     if accepted:
-        grads = [reply.adapter_grad() for reply in accepted.values()]
+        grads = []
+        for node, reply in accepted.items():
+            grad, factor = clip_room_gradient(reply.adapter_grad(), num_examples=reply.num_examples, max_norm=config.max_room_grad_norm)
+            if factor < 1.0:
+                log.warning("round %d: node %d: gradient clipped by %.3g to the per-example bound %g", round_, node, factor, config.max_room_grad_norm)
+            grads.append(grad)
         trainer.step(aggregate(grads, num_examples=[reply.num_examples for reply in accepted.values()]))
     return accepted, rejected
 
 
+def preflight(
+    grid: Grid, nodes: list[int], *, run_id: int, config: RunConfig, backbone: bytes, timeout: float
+) -> dict[int, Participation]:
+    """Ask every clean room, before round 1, whether it can serve the run; node → its participation record.
+
+    A clean room checks its names, its policy, its backbone against ``backbone`` (the
+    platform's :func:`~pcvr.models.cvr.backbone_digest`), its files and its row count.
+    """
+    expected = {node: Binding(run_id=run_id, round=0, node_id=node) for node in nodes}
+    ins = {
+        node: PreflightIns(binding, backbone_digest=backbone, batch_size=config.batch_size, min_batch_size=config.min_batch_size)
+        for node, binding in expected.items()
+    }
+    message_type = f"query.{PREFLIGHT_ACTION}"
+    messages = [Message(ins[n].to_record(), dst_node_id=n, message_type=message_type) for n in nodes]
+    rooms = {node: Participation(node=node, preflight="no reply") for node in nodes}
+    for reply in _exchange(grid, messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if node not in expected:
+            continue
+        try:
+            if reply.has_error():
+                raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
+            answer = PreflightReply.from_record(reply.content, expected=expected[node], max_bytes=config.max_message_bytes)
+        except ProtocolError as exc:
+            rooms[node].preflight = str(exc)
+            continue
+        rooms[node].clean_room_id = answer.clean_room_id
+        rooms[node].preflight = None if answer.refusal == 0 else f"clean room refused: {Refusal.describe(answer.refusal)}"
+    for room in rooms.values():
+        if room.preflight is not None:
+            log.error("pre-flight: %s cannot serve this run: %s", room.name, room.preflight)
+    return rooms
+
+
 def run_federated_training(
-    grid: Grid, config: RunConfig, trainer: AdapterTrainer, holdout: Holdout, *, round_timeout: float = 600.0
+    grid: Grid,
+    config: RunConfig,
+    trainer: AdapterTrainer,
+    holdout: Holdout,
+    *,
+    backbone: bytes,
+    round_timeout: float = 600.0,
 ) -> RunLog:
-    """Run ``config.num_rounds`` rounds; returns the log (also checkpointed under ``config.run_dir``)."""
+    """Pre-flight, then ``config.num_rounds`` rounds; returns the log (also checkpointed under ``config.run_dir``).
+
+    A failed pre-flight check stops the run before round 1; ``MAX_EMPTY_ROUNDS``
+    rounds in a row without a valid reply abandon it. Either way the log says why.
+    """
     config.run_dir.mkdir(parents=True, exist_ok=True)
     nodes = _wait_for_nodes(grid, config.clean_rooms)
     run_id = grid.run.run_id
+    run_log = RunLog()
+    run_log.participation = preflight(grid, nodes, run_id=run_id, config=config, backbone=backbone, timeout=round_timeout)
+    if any(room.preflight is not None for room in run_log.participation.values()):
+        return run_log
     length = trainer.num_adapter_params
     downlink = Downlink(config.downstream_codec, length=length, seed=config.seed)
     record = PayloadRecorder(config.run_dir / "wire" if config.record_payloads else None)
-    run_log = RunLog()
     train_s = 0.0  # wall time of the rounds themselves, evaluation excluded
     empty_rounds = 0
     for round_ in range(1, config.num_rounds + 1):
@@ -221,16 +279,14 @@ def run_federated_training(
         accepted, rejected = apply_round(trainer, replies, round_=round_, expected=expected, config=config)
         run_log.rejected.extend(rejected)
         for node in nodes:
+            reasons = [entry["reason"] for entry in rejected if entry["node"] == node]
+            run_log.participation[node].count(accepted=node in accepted, reasons=reasons)
             if node in accepted:
                 downlink.acknowledge(node, round_=round_)
             else:
                 downlink.forget(node)
+        run_log.steps = trainer.steps
         empty_rounds = 0 if accepted else empty_rounds + 1
-        if empty_rounds >= MAX_EMPTY_ROUNDS:
-            raise RuntimeError(
-                f"round {round_}: no valid reply for {empty_rounds} rounds in a row "
-                f"(last: {len(replies)} received, all rejected; see the rejections in the log)"
-            )
         if not accepted:
             log.warning("round %d: no valid reply; no step this round", round_)
         examples = [reply.num_examples for reply in accepted.values()]
@@ -248,10 +304,17 @@ def run_federated_training(
                 "wall_s": time.monotonic() - started,
             }
         )
-        if round_ % config.eval_every == 0 or round_ == config.num_rounds:
+        last = round_ == config.num_rounds
+        if empty_rounds >= MAX_EMPTY_ROUNDS:
+            run_log.abandoned = f"run abandoned at round {round_}: no valid reply for {empty_rounds} rounds in a row"
+            log.error(run_log.abandoned)
+            last = True
+        if round_ % config.eval_every == 0 or last:
             metrics = trainer.evaluate(holdout.features, holdout.labels)
             run_log.evaluations.append({"round": round_, "train_s": train_s, **metrics})
             log.info("round %d: %s", round_, metrics)
+        if last:
+            break
     run_log.ledgers = collect_ledgers(grid, nodes, run_id=run_id, config=config, timeout=round_timeout)
     return run_log
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ from pcvr.models.cvr import (
     parameter_counts,
     set_adapter_vector,
 )
+from pcvr.data.io import write_json_atomic
 from pcvr.models.features import EncodedFeatures
 from pcvr.platform.evaluate import holdout_metrics, predict
 
-__all__ = ["aggregate", "cosine_learning_rate", "AdapterTrainer", "RunLog"]
+__all__ = ["aggregate", "clip_room_gradient", "cosine_learning_rate", "AdapterTrainer", "Participation", "RunLog"]
 
 
 def aggregate(gradients: Sequence[np.ndarray], *, num_examples: Sequence[int]) -> np.ndarray:
@@ -33,6 +33,24 @@ def aggregate(gradients: Sequence[np.ndarray], *, num_examples: Sequence[int]) -
         raise ValueError(f"{len(gradients)} gradients but {len(num_examples)} example counts")
     summed = np.sum([np.asarray(g, dtype=np.float64) for g in gradients], axis=0)
     return (summed / sum(num_examples)).astype(np.float32)
+
+
+def clip_room_gradient(gradient: np.ndarray, *, num_examples: int, max_norm: float) -> tuple[np.ndarray, float]:
+    """One clean room's batch-summed gradient with its per-example mean clipped to L2 norm ``max_norm``.
+
+    ‖g / n‖₂ ≤ ``max_norm`` (so ‖g‖₂ ≤ ``max_norm``·n): with example weighting,
+    one room's share of the aggregate then moves it by at most ``max_norm``·n / Σn,
+    whatever the room sends. ``max_norm`` 0 disables clipping. Returns the gradient
+    and the factor applied (1.0 when the bound did not bite).
+    """
+    if max_norm == 0:
+        return gradient, 1.0
+    norm = float(np.linalg.norm(np.asarray(gradient, dtype=np.float64)))
+    limit = max_norm * num_examples
+    if norm <= limit:
+        return gradient, 1.0
+    factor = limit / norm
+    return (np.asarray(gradient, dtype=np.float64) * factor).astype(np.float32), factor
 
 
 def cosine_learning_rate(step: int, *, peak: float, total_steps: int, floor: float = 0.1) -> float:
@@ -101,13 +119,60 @@ class AdapterTrainer:
 
 
 @dataclass
+class Participation:
+    """What one clean room did in a run, as the platform saw it."""
+
+    node: int
+    clean_room_id: int | None = None  # reported at the pre-flight check
+    preflight: str | None = None  # why the pre-flight check failed; None: it passed
+    served: int = 0  # rounds with an accepted reply
+    missed: int = 0  # rounds without any reply
+    rejected: dict[str, int] = field(default_factory=dict)  # reason → rounds
+
+    @property
+    def name(self) -> str:
+        return f"node {self.node}" if self.clean_room_id is None else f"clean room {self.clean_room_id}"
+
+    def count(self, *, accepted: bool, reasons: list[str]) -> None:
+        """One round: served, rejected (the first reason) or missed."""
+        if accepted:
+            self.served += 1
+        elif reasons:
+            self.rejected[reasons[0]] = self.rejected.get(reasons[0], 0) + 1
+        else:
+            self.missed += 1
+
+    def failure(self, *, rounds: int, min_share: float) -> str | None:
+        """One line saying why this clean room failed the run, or None."""
+        if self.preflight is not None:
+            return f"{self.name}: pre-flight check failed: {self.preflight}"
+        if self.served >= math.ceil(min_share * rounds):
+            return None
+        why = max(self.rejected, key=self.rejected.get) if self.rejected else "no reply"
+        return f"{self.name}: served {self.served} of {rounds} rounds (min-participation {min_share:g}): {why}"
+
+    def to_dict(self) -> dict:
+        return {
+            "node": self.node,
+            "clean_room_id": self.clean_room_id,
+            "preflight": self.preflight or "passed",
+            "served": self.served,
+            "missed": self.missed,
+            "rejected": dict(self.rejected),
+        }
+
+
+@dataclass
 class RunLog:
-    """What the platform saw during a run: per-round loss and bytes, evaluations, rejections, ledgers."""
+    """What the platform saw during a run: per-round loss and bytes, evaluations, rejections, ledgers, participation."""
 
     rounds: list[dict] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     ledgers: dict[str, dict] = field(default_factory=dict)  # node id → the clean room's privacy ledger
+    participation: dict[int, Participation] = field(default_factory=dict)  # node id → what it did
+    steps: int = 0  # optimizer steps applied
+    abandoned: str | None = None  # why the run stopped before its last round
 
     @property
     def bytes_up(self) -> int:
@@ -117,18 +182,31 @@ class RunLog:
     def bytes_down(self) -> int:
         return sum(r["bytes_down"] for r in self.rounds)
 
-    def write(self, path: Path, **extra: object) -> dict:
+    def failures(self, *, rounds: int, min_share: float) -> list[str]:
+        """One line per reason the run failed; empty when it succeeded."""
+        lines = [p.failure(rounds=rounds, min_share=min_share) for _, p in sorted(self.participation.items())]
+        lines = [line for line in lines if line is not None]
+        if self.abandoned is not None:
+            lines.append(self.abandoned)
+        if self.steps == 0:
+            lines.append("no update was applied: the adapters are still the backbone's")
+        return lines
+
+    def write(self, path: Path, *, rounds: int, min_share: float, **extra: object) -> dict:
         result = {
             **extra,
+            "failures": self.failures(rounds=rounds, min_share=min_share),
             "rounds": len(self.rounds),
+            "steps": self.steps,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "bytes_up_per_round": self.bytes_up / max(1, len(self.rounds)),
             "bytes_down_per_round": self.bytes_down / max(1, len(self.rounds)),
             "rejected": len(self.rejected),
             "rejections": self.rejected,
+            "participation": {p.name: p.to_dict() for _, p in sorted(self.participation.items())},
             "evaluations": self.evaluations,
             "history": self.rounds,
         }
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(path, result)
         return result

@@ -7,8 +7,14 @@ whose key names are defined once, here. Every message carries
 * the protocol version;
 * its **binding** — run id, round and the clean room's node id — so a gradient
   replayed from another run, round or clean room is rejected;
-* a digest (BLAKE2b-128) over all of its fields, so a corrupted payload is
-  rejected even where the corruption still parses.
+* a digest (BLAKE2b-128, unkeyed) over all of its fields, so a corrupted payload
+  is rejected even where the corruption still parses. The digest detects
+  corruption, not forgery: anyone who can write a message can compute it.
+  Authenticity — that a reply comes from the clean room it names — rests on the
+  transport: TLS on every Flower connection and SuperNode authentication. What
+  the platform also bounds is one clean room's influence on an update
+  (``num_examples`` at most the batch asked for; optionally each decoded gradient
+  clipped, :func:`pcvr.platform.training.clip_room_gradient`).
 
 Vectors travel as codec frames (:mod:`pcvr.protocols.codecs`): the clean room's
 adapter gradient, compressed with error feedback, and the platform's adapter
@@ -38,18 +44,22 @@ from pcvr.protocols.label_dp import Correction
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "PREFLIGHT_ACTION",
     "ProtocolError",
     "Binding",
     "TrainIns",
     "TrainReply",
     "LedgerIns",
     "LedgerReply",
+    "PreflightIns",
+    "PreflightReply",
     "record_size",
     "record_to_bytes",
     "record_from_bytes",
 ]
 
 PROTOCOL_VERSION = 2
+PREFLIGHT_ACTION = "preflight"  # Flower message type "query.preflight"
 
 SECTION = "pcvr"
 _VERSION = "version"
@@ -68,12 +78,17 @@ _SIZE = "size"  # the length of the vector a frame encodes
 _EXAMPLES = "examples"
 _LOSS = "loss"
 _LEDGER = "ledger"
+_BACKBONE = "backbone-digest"
+_CLEAN_ROOM = "clean-room-id"
+_REFUSAL = "refusal"
 
 _BINDING_KEYS = {_VERSION, _RUN, _ROUND, _NODE, _DIGEST}
 _TRAIN_INS_KEYS = _BINDING_KEYS | {_BASE_ROUND, _CODEC, _SIZE, _WEIGHTS, _BATCH_SIZE, _MIN_BATCH_SIZE, _CORRECTION}
 _TRAIN_REPLY_KEYS = _BINDING_KEYS | {_CODEC, _SIZE, _GRAD, _EXAMPLES}  # + optional _LOSS
 _LEDGER_INS_KEYS = _BINDING_KEYS
 _LEDGER_REPLY_KEYS = _BINDING_KEYS | {_LEDGER}
+_PREFLIGHT_INS_KEYS = _BINDING_KEYS | {_BACKBONE, _BATCH_SIZE, _MIN_BATCH_SIZE}
+_PREFLIGHT_REPLY_KEYS = _BINDING_KEYS | {_CLEAN_ROOM, _REFUSAL}
 _DIGEST_SIZE = 16
 _UINT64 = 2**64
 
@@ -359,8 +374,13 @@ class TrainReply:
         num_adapter_params: int,
         min_batch_size: int,
         max_bytes: int,
+        max_examples: int = 2**31 - 1,
     ) -> "TrainReply":
-        """Validate a reply against the round the platform is in and the node it asked."""
+        """Validate a reply against the round the platform is in and the node it asked.
+
+        ``num_examples`` must lie in [``min_batch_size``, ``max_examples``]: a clean room
+        cannot have used more rows than the platform asked for.
+        """
         values = _open(record, required=_TRAIN_REPLY_KEYS, optional={_LOSS}, max_bytes=max_bytes)
         round_ = _check_binding(values, run_id=expected.run_id, node_id=expected.node_id)
         if round_ != expected.round:
@@ -377,7 +397,7 @@ class TrainReply:
             codec=codec,
             size=num_adapter_params,
             grad=_bytes(values, _GRAD),
-            num_examples=_int(values, _EXAMPLES, minimum=min_batch_size, maximum=2**31 - 1),
+            num_examples=_int(values, _EXAMPLES, minimum=min_batch_size, maximum=max_examples),
             loss=loss,
         )
         reply.adapter_grad()  # shape, dtype, NaN/inf: rejected here, never applied
@@ -429,3 +449,61 @@ class LedgerReply:
         if not isinstance(ledger, dict):
             raise ProtocolError(f"{_LEDGER!r} must be a JSON object")
         return cls(binding=expected, ledger=ledger)
+
+
+# --- the pre-flight check, before round 1 ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreflightIns:
+    """Platform → clean room, before round 1: can you serve this run?
+
+    ``backbone_digest`` is :func:`pcvr.models.cvr.backbone_digest` of the platform's
+    backbone; the clean room compares its own copy's.
+    """
+
+    binding: Binding
+    backbone_digest: bytes
+    batch_size: int
+    min_batch_size: int
+
+    def to_record(self) -> RecordDict:
+        return _seal(
+            self.binding,
+            {_BACKBONE: self.backbone_digest, _BATCH_SIZE: self.batch_size, _MIN_BATCH_SIZE: self.min_batch_size},
+        )
+
+    @classmethod
+    def from_record(cls, record: RecordDict, *, run_id: int, node_id: int, max_bytes: int) -> "PreflightIns":
+        values = _open(record, required=_PREFLIGHT_INS_KEYS, max_bytes=max_bytes)
+        round_ = _check_binding(values, run_id=run_id, node_id=node_id)
+        return cls(
+            binding=Binding(run_id=run_id, round=round_, node_id=node_id),
+            backbone_digest=_bytes(values, _BACKBONE),
+            batch_size=_int(values, _BATCH_SIZE, minimum=1, maximum=2**31 - 1),
+            min_batch_size=_int(values, _MIN_BATCH_SIZE, minimum=1, maximum=2**31 - 1),
+        )
+
+
+@dataclass(frozen=True)
+class PreflightReply:
+    """Clean room → platform: its id, and 0 if it can serve the run or else a :class:`~pcvr.protocols.refusals.Refusal` code."""
+
+    binding: Binding
+    clean_room_id: int
+    refusal: int = 0
+
+    def to_record(self) -> RecordDict:
+        return _seal(self.binding, {_CLEAN_ROOM: self.clean_room_id, _REFUSAL: self.refusal})
+
+    @classmethod
+    def from_record(cls, record: RecordDict, *, expected: Binding, max_bytes: int) -> "PreflightReply":
+        values = _open(record, required=_PREFLIGHT_REPLY_KEYS, max_bytes=max_bytes)
+        round_ = _check_binding(values, run_id=expected.run_id, node_id=expected.node_id)
+        if round_ != expected.round:
+            raise ProtocolError(f"pre-flight reply is for round {round_}; expected {expected.round}")
+        return cls(
+            binding=expected,
+            clean_room_id=_int(values, _CLEAN_ROOM, minimum=0, maximum=2**31 - 1),
+            refusal=_int(values, _REFUSAL, minimum=0, maximum=2**31 - 1),
+        )

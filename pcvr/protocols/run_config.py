@@ -46,6 +46,11 @@ class RunConfig:
             rounds, from which σ is derived (0: off).
         dp_clip_norm: DP-SGD per-example L2 clip norm C.
         dp_delta: DP-SGD δ.
+        min_participation: the share of rounds every clean room must serve (an accepted
+            reply); a run in which one served fewer is a failed run.
+        max_room_grad_norm: the platform clips each clean room's decoded gradient so its
+            per-example mean has at most this L2 norm before aggregating (0: off), so one
+            misbehaving clean room cannot dominate an update.
     """
 
     data_dir: Path = Path("runs/demo")
@@ -67,6 +72,8 @@ class RunConfig:
     dp_target_epsilon: float = 0.0
     dp_clip_norm: float = 1.0
     dp_delta: float = 1e-6
+    min_participation: float = 0.9
+    max_room_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "clean_rooms", "batch_size", "min_batch_size", "eval_every", "max_message_bytes"):
@@ -78,7 +85,7 @@ class RunConfig:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"run config: learning-rate must be > 0; got {self.learning_rate}")
-        for name in ("dp_noise_multiplier", "dp_target_epsilon"):
+        for name in ("dp_noise_multiplier", "dp_target_epsilon", "max_room_grad_norm"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"run config: {name.replace('_', '-')} must be >= 0 (0: off); got {getattr(self, name)}")
         if self.dp_noise_multiplier > 0 and self.dp_target_epsilon > 0:
@@ -87,6 +94,8 @@ class RunConfig:
             raise ValueError(f"run config: dp-clip-norm must be > 0; got {self.dp_clip_norm}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"run config: dp-delta must be in (0, 1); got {self.dp_delta}")
+        if not 0 <= self.min_participation <= 1:
+            raise ValueError(f"run config: min-participation must be in [0, 1]; got {self.min_participation}")
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, object]) -> "RunConfig":

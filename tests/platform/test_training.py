@@ -231,3 +231,39 @@ def test_trainer_does_not_modify_the_backbone() -> None:
     for name, parameter in backbone.named_parameters():
         assert torch.equal(parameter, before[name]), name
     assert math.isclose(trainer.optimizer.param_groups[0]["lr"], 0.1)
+
+
+# --- participation and failures: what makes a run a failed run ----------------------------------
+
+
+def test_a_room_that_served_too_few_rounds_fails_the_run_naming_it_and_why() -> None:
+    from pcvr.platform.training import Participation, RunLog
+
+    log = RunLog(steps=10)
+    log.participation = {5: Participation(node=5, clean_room_id=0), 9: Participation(node=9, clean_room_id=1)}
+    for round_ in range(10):
+        log.participation[5].count(accepted=True, reasons=[])
+        log.participation[9].count(accepted=round_ < 8, reasons=["clean room refused: failed: …"] if round_ == 8 else [])
+    assert log.failures(rounds=10, min_share=0.8) == []  # 8 of 10 is enough at 0.8
+    (line,) = log.failures(rounds=10, min_share=0.9)
+    assert line == "clean room 1: served 8 of 10 rounds (min-participation 0.9): clean room refused: failed: …"
+    assert log.participation[9].to_dict() == {
+        "node": 9, "clean_room_id": 1, "preflight": "passed", "served": 8, "missed": 1,
+        "rejected": {"clean room refused: failed: …": 1},
+    }
+
+
+def test_a_run_that_applied_no_update_failed_even_if_every_room_answered() -> None:
+    from pcvr.platform.training import Participation, RunLog
+
+    log = RunLog(steps=0, participation={1: Participation(node=1, clean_room_id=0, served=3)})
+    assert log.failures(rounds=3, min_share=1.0) == ["no update was applied: the adapters are still the backbone's"]
+    log.steps = 3
+    assert log.failures(rounds=3, min_share=1.0) == []
+
+
+def test_a_failed_pre_flight_check_is_the_rooms_failure() -> None:
+    from pcvr.platform.training import Participation, RunLog
+
+    log = RunLog(steps=1, participation={1: Participation(node=1, clean_room_id=2, preflight="clean room refused: x")})
+    assert log.failures(rounds=1, min_share=0.0) == ["clean room 2: pre-flight check failed: clean room refused: x"]

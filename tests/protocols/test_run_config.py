@@ -42,6 +42,8 @@ def test_round_trip_every_field_changed():
         dp_target_epsilon=0.0,
         dp_clip_norm=0.5,
         dp_delta=1e-5,
+        min_participation=0.5,
+        max_room_grad_norm=2.0,
     )
     assert all(
         getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig) if f.name != "dp_target_epsilon"
