@@ -120,3 +120,9 @@ def test_a_changed_consent_policy_is_applied_not_ignored(copy, capsys) -> None:
     labels = (copy / "clean_room_0" / "non_private" / "labels.parquet").stat().st_mtime_ns
     assert main(["prepare", "--work-dir", str(copy), "--policy", str(policy), *WORLD]) == 0  # nothing changed now
     assert (copy / "clean_room_0" / "non_private" / "labels.parquet").stat().st_mtime_ns == labels
+
+
+def test_a_work_dir_that_cannot_be_written(capsys) -> None:
+    """/sys refuses new entries even to root (chmod would not stop a test run as root)."""
+    code, line = run(capsys, "prepare", "--work-dir", "/sys/pcvr-probe/work", *WORLD)
+    assert code == 2 and "/sys/pcvr-probe" in line and ("not permitted" in line or "Read-only" in line or "denied" in line)

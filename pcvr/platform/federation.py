@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _POLL_S = 0.01
 _NODE_WAIT_S = 120.0
 MAX_EMPTY_ROUNDS = 3  # consecutive rounds without a valid reply before the run is abandoned
@@ -126,6 +129,12 @@ class PayloadRecorder:
         return sorted((int(round_[1:]), int(node[1:])) for round_, node in names)
 
 
+def _raise_if_refused(reply: Message) -> None:
+    """An error reply becomes a rejection by its code only: the text is not a clean room's to choose."""
+    if reply.has_error():
+        raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
+
+
 def receive_replies(
     replies: list[Message],
     *,
@@ -149,8 +158,7 @@ def receive_replies(
                 raise ProtocolError(f"reply from node {node}, which was not asked this round")
             if node in accepted:
                 raise ProtocolError("a second reply for this round (replayed)")
-            if reply.has_error():  # its code only: the text is not a clean room's to choose
-                raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
+            _raise_if_refused(reply)
             accepted[node] = TrainReply.from_record(
                 reply.content,
                 expected=expected[node],
@@ -199,27 +207,27 @@ def preflight(
     A clean room checks its names, its policy, its backbone against ``backbone`` (the
     platform's :func:`~pcvr.models.cvr.backbone_digest`), its files and its row count.
     """
-    expected = {node: Binding(run_id=run_id, round=0, node_id=node) for node in nodes}
-    ins = {
-        node: PreflightIns(binding, backbone_digest=backbone, batch_size=config.batch_size, min_batch_size=config.min_batch_size)
-        for node, binding in expected.items()
+    records = {
+        node: PreflightIns(
+            Binding(run_id=run_id, round=0, node_id=node),
+            backbone_digest=backbone,
+            batch_size=config.batch_size,
+            min_batch_size=config.min_batch_size,
+        ).to_record()
+        for node in nodes
     }
-    message_type = f"query.{PREFLIGHT_ACTION}"
-    messages = [Message(ins[n].to_record(), dst_node_id=n, message_type=message_type) for n in nodes]
-    rooms = {node: Participation(node=node, preflight="no reply") for node in nodes}
-    for reply in _exchange(grid, messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if node not in expected:
-            continue
-        try:
-            if reply.has_error():
-                raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
-            answer = PreflightReply.from_record(reply.content, expected=expected[node], max_bytes=config.max_message_bytes)
-        except ProtocolError as exc:
-            rooms[node].preflight = str(exc)
-            continue
-        rooms[node].clean_room_id = answer.clean_room_id
-        rooms[node].preflight = None if answer.refusal == 0 else f"clean room refused: {Refusal.describe(answer.refusal)}"
+
+    def parse(node: int, content: RecordDict) -> PreflightReply:
+        expected = Binding(run_id=run_id, round=0, node_id=node)
+        return PreflightReply.from_record(content, expected=expected, max_bytes=config.max_message_bytes)
+
+    rooms = {}
+    for node, answer in _ask(grid, records, message_type=f"query.{PREFLIGHT_ACTION}", parse=parse, timeout=timeout).items():
+        if isinstance(answer, str):
+            rooms[node] = Participation(node=node, preflight=answer)
+        else:
+            refused = None if answer.refusal == 0 else f"clean room refused: {Refusal.describe(answer.refusal)}"
+            rooms[node] = Participation(node=node, clean_room_id=answer.clean_room_id, preflight=refused)
     for room in rooms.values():
         if room.preflight is not None:
             log.error("pre-flight: %s cannot serve this run: %s", room.name, room.preflight)
@@ -319,21 +327,37 @@ def run_federated_training(
     return run_log
 
 
+def _ask(
+    grid: Grid,
+    records: dict[int, RecordDict],
+    *,
+    message_type: str,
+    parse: Callable[[int, RecordDict], T],
+    timeout: float,
+) -> dict[int, T | str]:
+    """Send each node its record; node → its parsed reply, or why there is none (a refusal's fixed text)."""
+    messages = [Message(record, dst_node_id=node, message_type=message_type) for node, record in records.items()]
+    answers: dict[int, T | str] = {node: "no reply" for node in records}
+    for reply in _exchange(grid, messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if node not in records:
+            continue
+        try:
+            _raise_if_refused(reply)
+            answers[node] = parse(node, reply.content)
+        except ProtocolError as exc:
+            answers[node] = str(exc)
+    return answers
+
+
 def collect_ledgers(grid: Grid, nodes: list[int], *, run_id: int, config: RunConfig, timeout: float) -> dict[str, dict]:
     """Ask every clean room what protected its records in this run; node → ledger (or the error)."""
     round_ = config.num_rounds + 1
-    expected = {node: Binding(run_id=run_id, round=round_, node_id=node) for node in nodes}
-    messages = [Message(LedgerIns(expected[n]).to_record(), dst_node_id=n, message_type="query") for n in nodes]
-    ledgers: dict[str, dict] = {str(node): {"error": "no reply"} for node in nodes}
-    for reply in _exchange(grid, messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if node not in expected:
-            continue
-        try:
-            if reply.has_error():
-                raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
-            ledger = LedgerReply.from_record(reply.content, expected=expected[node], max_bytes=config.max_message_bytes)
-            ledgers[str(node)] = ledger.ledger
-        except ProtocolError as exc:
-            ledgers[str(node)] = {"error": str(exc)}
-    return ledgers
+    records = {node: LedgerIns(Binding(run_id=run_id, round=round_, node_id=node)).to_record() for node in nodes}
+
+    def parse(node: int, content: RecordDict) -> dict:
+        expected = Binding(run_id=run_id, round=round_, node_id=node)
+        return LedgerReply.from_record(content, expected=expected, max_bytes=config.max_message_bytes).ledger
+
+    answers = _ask(grid, records, message_type="query", parse=parse, timeout=timeout)
+    return {str(node): {"error": answer} if isinstance(answer, str) else answer for node, answer in answers.items()}
