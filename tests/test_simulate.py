@@ -174,9 +174,9 @@ def test_a_clean_room_with_another_backbone_is_named_and_fails_the_run(small_run
         result = run_setting(spec, name="other-backbone", label_set="eps=3", correction=Correction.FORWARD, num_rounds=2, eval_every=2)
     finally:
         shutil.move(weights.with_suffix(".good"), weights)
-    assert result["failures"][0] == (
+    assert result["failures"] == [
         "clean room 1: pre-flight check failed: clean room refused: backbone_mismatch: the clean room's backbone is not the platform's"
-    )
+    ]
     assert result["participation"]["clean room 0"]["preflight"] == "passed"
 
 
@@ -190,6 +190,7 @@ def test_a_simulation_whose_clean_rooms_cannot_serve_exits_non_zero_naming_the_r
     assert code == 1
     (line,) = [line for line in err.splitlines() if line.startswith("pcvr:")]
     assert line.startswith("pcvr: error: setting non_private: clean room ") and "too_few_rows" in line
-    assert "FAILED" in out.split("non_private", 1)[1].splitlines()[0]
+    (row,) = [row for row in out.splitlines() if row.startswith("non_private ")]
+    assert row.split()[1] == "FAILED" and "too_few_rows" in row
     summary = json.loads((work / "summary.json").read_text())
     assert "stale" not in summary and summary["failures"]

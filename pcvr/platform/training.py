@@ -143,9 +143,7 @@ class Participation:
             self.missed += 1
 
     def failure(self, *, rounds: int, min_share: float) -> str | None:
-        """One line saying why this clean room failed the run, or None."""
-        if self.preflight is not None:
-            return f"{self.name}: pre-flight check failed: {self.preflight}"
+        """One line saying why this clean room served too few rounds, or None."""
         if self.served >= math.ceil(min_share * rounds):
             return None
         why = max(self.rejected, key=self.rejected.get) if self.rejected else "no reply"
@@ -183,8 +181,14 @@ class RunLog:
         return sum(r["bytes_down"] for r in self.rounds)
 
     def failures(self, *, rounds: int, min_share: float) -> list[str]:
-        """One line per reason the run failed; empty when it succeeded."""
-        lines = [p.failure(rounds=rounds, min_share=min_share) for _, p in sorted(self.participation.items())]
+        """One line per reason the run failed; empty when it succeeded.
+
+        A failed pre-flight check stops the run before round 1, so then only those are the reasons.
+        """
+        rooms = [room for _, room in sorted(self.participation.items())]
+        if any(room.preflight is not None for room in rooms):
+            return [f"{room.name}: pre-flight check failed: {room.preflight}" for room in rooms if room.preflight is not None]
+        lines = [room.failure(rounds=rounds, min_share=min_share) for room in rooms]
         lines = [line for line in lines if line is not None]
         if self.abandoned is not None:
             lines.append(self.abandoned)

@@ -265,5 +265,9 @@ def test_a_run_that_applied_no_update_failed_even_if_every_room_answered() -> No
 def test_a_failed_pre_flight_check_is_the_rooms_failure() -> None:
     from pcvr.platform.training import Participation, RunLog
 
-    log = RunLog(steps=1, participation={1: Participation(node=1, clean_room_id=2, preflight="clean room refused: x")})
-    assert log.failures(rounds=1, min_share=0.0) == ["clean room 2: pre-flight check failed: clean room refused: x"]
+    log = RunLog(steps=0)
+    log.participation = {
+        1: Participation(node=1, clean_room_id=2, preflight="clean room refused: x"),
+        2: Participation(node=2, clean_room_id=0),  # passed, then never asked: not a reason of its own
+    }
+    assert log.failures(rounds=5, min_share=0.9) == ["clean room 2: pre-flight check failed: clean room refused: x"]
