@@ -6,6 +6,7 @@
     pcvr audit [--json] [options]     label-leakage attacks on what the platform received, scored on canaries
     pcvr certs --out DIR [--hosts H,...] [--clean-rooms N]  TLS CA + SuperLink certificate, SuperNode keys
     pcvr deploy local [options]     every party as a real process: SuperLink + SuperNodes, TLS + node auth
+    pcvr plan --base-rate P --rows N [--epsilon E ...]  what each ε costs, before any budget is spent
 
 Bad input ends with one line, ``pcvr: error: …``, naming the file or the flag, and exit
 status 2 (``--debug`` shows the traceback instead); a simulation in which a clean room
@@ -277,6 +278,26 @@ def _cmd_deploy_run(args: argparse.Namespace) -> None:
     _print_deploy_result(run_training(layout, env, config.to_run_config()), label_set=args.label_set, run_dir=layout.run_dir)
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from pcvr.report.planner import format_plan, plan
+
+    if not 0 < args.base_rate < 1:
+        raise ValueError(f"--base-rate must be in (0, 1); got {args.base_rate}")
+    if args.rows < 1:
+        raise ValueError(f"--rows must be >= 1; got {args.rows}")
+    if not all(eps > 0 for eps in args.epsilon):
+        raise ValueError(f"--epsilon values must be > 0 (or inf); got {args.epsilon}")
+    for name in ("tolerance", "confidence"):
+        if not 0 < getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be in (0, 1); got {getattr(args, name)}")
+    options = {"tolerance": args.tolerance, "confidence": args.confidence}
+    table = plan(base_rate=args.base_rate, rows=args.rows, epsilons=args.epsilon, **options)
+    if args.json:
+        print(json.dumps({"base_rate": args.base_rate, "rows": args.rows, **options, "plan": [r.to_dict() for r in table]}))
+    else:
+        print(format_plan(table, base_rate=args.base_rate, rows=args.rows, **options))
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other error."""
 
@@ -365,6 +386,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--label-set", default="eps=3", help="(default: %(default)s)")
     run.add_argument("--run-config", default="", help="more run-config values, Flower's syntax")
     run.set_defaults(func=_cmd_deploy_run)
+
+    from pcvr.report.planner import DEFAULT_CONFIDENCE, DEFAULT_EPSILONS, DEFAULT_TOLERANCE
+
+    planner = commands.add_parser("plan", help="what each ε costs in calibration, before any budget is spent")
+    planner.add_argument("--base-rate", type=float, required=True, help="clean conversion rate, e.g. 0.009")
+    planner.add_argument("--rows", type=int, required=True, help="labelled rows the clean room trains on")
+    planner.add_argument(
+        "--epsilon", type=float, nargs="+", default=list(DEFAULT_EPSILONS), help="label-DP ε values, inf allowed (default: %(default)s)"
+    )
+    planner.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative calibration band (default: %(default)s)")
+    planner.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="(default: %(default)s)")
+    planner.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    planner.set_defaults(func=_cmd_plan)
     return parser
 
 
