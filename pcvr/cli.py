@@ -194,17 +194,25 @@ def _parse_run_config(text: str) -> dict[str, object]:
         raise ValueError(f"--run-config: {exc}") from None
 
 
+def _add_deploy_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options `pcvr deploy local` and `pcvr deploy run` share."""
+    parser.add_argument("--clean-rooms", type=int, default=3, help="(default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=10, help="(default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=5, help="(default: %(default)s)")
+    parser.add_argument("--label-set", default="eps=3", help="prepared label set to train on (default: %(default)s)")
+    parser.add_argument("--run-config", default="", help="more run-config values, Flower's syntax: 'codec=\"q4\" batch-size=4096'")
+
+
+def _deploy_run_config(args: argparse.Namespace) -> dict[str, object]:
+    return {"num-rounds": args.rounds, "eval-every": args.eval_every, "label-set": args.label_set, **_parse_run_config(args.run_config)}
+
+
 def _cmd_deploy_local(args: argparse.Namespace) -> None:
     from datetime import datetime, timezone
 
     from pcvr.deploy.local import LocalDeployment, deploy_local
 
-    run_config = {
-        "num-rounds": args.rounds,
-        "eval-every": args.eval_every,
-        "label-set": args.label_set,
-        **_parse_run_config(args.run_config),
-    }
+    run_config = _deploy_run_config(args)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     deployment = LocalDeployment(
         work_dir=args.work_dir,
@@ -266,10 +274,7 @@ def _cmd_deploy_run(args: argparse.Namespace) -> None:
     layout, env = _remote_layout(args)
     config = RunConfig.from_run_config(
         {
-            "num-rounds": args.rounds,
-            "eval-every": args.eval_every,
-            "label-set": args.label_set,
-            **_parse_run_config(args.run_config),
+            **_deploy_run_config(args),
             "data-dir": str(args.work_dir),
             "run-dir": str(layout.training_dir if args.results_dir is None else args.results_dir),
             "clean-rooms": args.clean_rooms,
@@ -355,13 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     local = deploy.add_parser("local", help="SuperLink + one SuperNode per clean room on this machine, TLS + node auth")
     local.add_argument("--work-dir", type=Path, default=Path("runs/demo"), help="prepared by `pcvr prepare` (default: %(default)s)")
     local.add_argument("--run-dir", type=Path, default=None, help="new directory for state, logs, results (default: WORK/deployments/TIME)")
-    local.add_argument("--clean-rooms", type=int, default=3, help="(default: %(default)s)")
     local.add_argument("--certs", type=Path, default=None, help="certificates and keys, made if missing (default: WORK/certs)")
     local.add_argument("--port", type=int, default=8000, help="the SuperLink's port; SuperNodes use the next ones (default: %(default)s)")
-    local.add_argument("--rounds", type=int, default=10, help="(default: %(default)s)")
-    local.add_argument("--eval-every", type=int, default=5, help="(default: %(default)s)")
-    local.add_argument("--label-set", default="eps=3", help="prepared label set to train on (default: %(default)s)")
-    local.add_argument("--run-config", default="", help="more run-config values, Flower's syntax: 'codec=\"q4\" batch-size=4096'")
+    _add_deploy_training_arguments(local)
     local.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: anyone who reaches the port joins (debugging only)")
     local.set_defaults(func=_cmd_deploy_local)
 
@@ -380,11 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     run = remote("run", "train on a running SuperLink whose clean rooms are online")
     run.add_argument("--work-dir", type=Path, required=True, help="the platform's data directory as the ServerApp sees it")
     run.add_argument("--results-dir", type=Path, default=None, help="where the ServerApp writes results, as it sees it (default: RUN/training)")
-    run.add_argument("--clean-rooms", type=int, default=3, help="(default: %(default)s)")
-    run.add_argument("--rounds", type=int, default=10, help="(default: %(default)s)")
-    run.add_argument("--eval-every", type=int, default=5, help="(default: %(default)s)")
-    run.add_argument("--label-set", default="eps=3", help="(default: %(default)s)")
-    run.add_argument("--run-config", default="", help="more run-config values, Flower's syntax")
+    _add_deploy_training_arguments(run)
     run.set_defaults(func=_cmd_deploy_run)
 
     from pcvr.report.planner import DEFAULT_CONFIDENCE, DEFAULT_EPSILONS, DEFAULT_TOLERANCE
