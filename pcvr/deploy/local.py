@@ -299,13 +299,10 @@ class _Processes:
                 f"(log: {self.layout.log_file(name)})"
             )
 
-    def stop(self, name: str, *, sig: int = signal.SIGTERM) -> None:
-        process = self.running.pop(name)
-        _stop_group(process, sig=sig)
-
     def stop_all(self) -> None:
+        """Stop every process, the last started first."""
         for name in reversed(list(self.running)):
-            self.stop(name)
+            _stop_group(self.running.pop(name), sig=signal.SIGTERM)
 
 
 def _stop_group(process: subprocess.Popen, *, sig: int) -> None:
@@ -356,9 +353,11 @@ def _flwr_json(command: Sequence[str], env: Mapping[str, str], *, what: str, tim
     except json.JSONDecodeError:
         answer = None
     if done.returncode != 0 or not isinstance(answer, dict) or not answer.get("success", False):
-        detail = (answer or {}).get("error-message") if isinstance(answer, dict) else None
-        detail = detail or (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise DeployError(f"{what} failed: {detail if isinstance(detail, str) else detail[0]}")
+        detail = answer.get("error-message") if isinstance(answer, dict) else None
+        if not detail:
+            output = (done.stderr.strip() or done.stdout.strip()).splitlines()
+            detail = output[-1] if output else "no output"
+        raise DeployError(f"{what} failed: {detail}")
     return answer
 
 
