@@ -34,7 +34,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from pcvr.clean_room.dataset import load_training_data
-from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch, private_batch_gradient
+from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
@@ -183,6 +183,8 @@ def _released_gradient(
             noise_multiplier=sigma, sample_rate=sample_rate, delta=node.dp.delta
         ),
     )
+    from pcvr.clean_room.dp_release import private_batch_gradient  # Opacus: seconds to import, only when used
+
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     index = poisson_batch(len(data), sample_rate=sample_rate, generator=generator)
     grad = private_batch_gradient(

@@ -19,8 +19,8 @@ from pcvr.clean_room.dp_sgd import (
     PrivacyAccountant,
     noise_multiplier_for,
     poisson_batch,
-    private_batch_gradient,
 )
+from pcvr.clean_room.dp_release import private_batch_gradient
 from pcvr.clean_room.task import batch_gradient
 from pcvr.data.io import DataError
 from pcvr.models.cvr import adapter_parameters, get_adapter_vector, parameter_counts
@@ -385,3 +385,20 @@ def test_poisson_batch_is_deterministic_per_generator() -> None:
     assert torch.equal(poisson_batch(50, sample_rate=1.0, generator=torch.Generator()), torch.arange(50))
     with pytest.raises(ValueError, match="sample_rate"):
         poisson_batch(10, sample_rate=1.5, generator=torch.Generator())
+
+
+def _modules_after_import(statement: str) -> set[str]:
+    import subprocess
+    import sys
+
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_flower_apps_do_not_import_opacus_until_a_noisy_round():
+    # Deployment starts a fresh ClientApp process per message; Opacus costs seconds to import.
+    loaded = _modules_after_import("import pcvr.clean_room.app, pcvr.platform.app")
+    assert "opacus" not in loaded
+    # Control: the release module does import it, so the check above can see an import.
+    assert "opacus" in _modules_after_import("import pcvr.clean_room.dp_release")
