@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -83,9 +84,15 @@ def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
         time.sleep(0.1)
 
 
-def _exchange(grid: Grid, messages: list[Message], *, timeout: float) -> list[Message]:
-    """Push, then pull every 10 ms (``Grid.send_and_receive`` sleeps 0.1–3 s between pulls)."""
-    pending = set(grid.push_messages(messages))
+def _exchange(grid: Grid, messages: list[Message], *, timeout: float) -> tuple[list[Message], dict[str, int]]:
+    """Push, then pull every 10 ms (``Grid.send_and_receive`` sleeps 0.1–3 s between pulls).
+
+    Returns the replies and, by message id, the node each instruction was sent to
+    (:func:`replying_node` needs it for the replies the SuperLink writes itself).
+    """
+    ids = list(grid.push_messages(messages))
+    sent_to = {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages)}
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -94,7 +101,16 @@ def _exchange(grid: Grid, messages: list[Message], *, timeout: float) -> list[Me
         pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
         if pending:
             time.sleep(_POLL_S)
-    return replies
+    return replies, sent_to
+
+
+def replying_node(reply: Message, sent_to: Mapping[str, int]) -> int:
+    """The clean room a reply is about: its sender, or, when the SuperLink answers for a node
+    it could not reach (Flower's NODE_UNAVAILABLE and the like), the node the instruction went to."""
+    node = reply.metadata.src_node_id
+    if node == SUPERLINK_NODE_ID:
+        return sent_to.get(reply.metadata.reply_to_message_id, node)
+    return node
 
 
 class PayloadRecorder:
@@ -130,9 +146,18 @@ class PayloadRecorder:
 
 
 def _raise_if_refused(reply: Message) -> None:
-    """An error reply becomes a rejection by its code only: the text is not a clean room's to choose."""
-    if reply.has_error():
-        raise ProtocolError(f"clean room refused: {Refusal.describe(reply.error.code)}")
+    """An error reply becomes a rejection by its code, and by Flower's reason only when Flower wrote it.
+
+    A clean room's refusal is named by its fixed text: the text on the wire is not a clean
+    room's to choose. The SuperLink's own error (the node is offline, the reply expired)
+    keeps Flower's reason, since Flower wrote it; any other code is only named.
+    """
+    if not reply.has_error():
+        return
+    code = reply.error.code
+    if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+        raise ProtocolError(f"Flower: {Refusal.describe(code)}: {reply.error.reason}")
+    raise ProtocolError(f"clean room refused: {Refusal.describe(code)}" if Refusal.is_refusal(code) else Refusal.describe(code))
 
 
 def receive_replies(
@@ -142,17 +167,20 @@ def receive_replies(
     expected: dict[int, Binding],
     config: RunConfig,
     num_adapter_params: int,
+    sent_to: Mapping[str, int] | None = None,
 ) -> tuple[dict[int, TrainReply], list[dict]]:
     """Validate one round's replies; returns the accepted ones by node and the rejections.
 
     Each node may answer once, with a reply bound to this run, this round and itself;
     anything else — an error, a second reply, a reply from a node that was not asked,
-    a malformed or oversized payload — is a rejection with its reason.
+    a malformed or oversized payload — is a rejection with its reason. ``sent_to``
+    (message id → node, from :func:`_exchange`) attributes the SuperLink's own error
+    replies to the node they are about.
     """
     accepted: dict[int, TrainReply] = {}
     rejected: list[dict] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = replying_node(reply, sent_to or {})
         try:
             if node not in expected:
                 raise ProtocolError(f"reply from node {node}, which was not asked this round")
@@ -181,13 +209,16 @@ def apply_round(
     round_: int,
     expected: dict[int, Binding],
     config: RunConfig,
+    sent_to: Mapping[str, int] | None = None,
 ) -> tuple[dict[int, TrainReply], list[dict]]:
     """Validate the round's replies and, if any is valid, take one optimizer step with their mean.
 
     Only validated replies reach :func:`aggregate`; with none, the model is left untouched.
     """
     length = trainer.num_adapter_params
-    accepted, rejected = receive_replies(replies, round_=round_, expected=expected, config=config, num_adapter_params=length)
+    accepted, rejected = receive_replies(
+        replies, round_=round_, expected=expected, config=config, num_adapter_params=length, sent_to=sent_to
+    )
     if accepted:
         grads = []
         for node, reply in accepted.items():
@@ -280,11 +311,11 @@ def run_federated_training(
             messages.append(Message(ins.to_record(), dst_node_id=node, message_type="train"))
             record(round_, node, PayloadRecorder.SENT, messages[-1])
         bytes_down = sum(wire_bytes(m) for m in messages)
-        replies = _exchange(grid, messages, timeout=round_timeout)
+        replies, sent_to = _exchange(grid, messages, timeout=round_timeout)
         bytes_up = sum(wire_bytes(r) for r in replies)
         for reply in replies:
             record(round_, reply.metadata.src_node_id, PayloadRecorder.RECEIVED, reply)
-        accepted, rejected = apply_round(trainer, replies, round_=round_, expected=expected, config=config)
+        accepted, rejected = apply_round(trainer, replies, round_=round_, expected=expected, config=config, sent_to=sent_to)
         run_log.rejected.extend(rejected)
         for node in nodes:
             reasons = [entry["reason"] for entry in rejected if entry["node"] == node]
@@ -338,8 +369,9 @@ def _ask(
     """Send each node its record; node → its parsed reply, or why there is none (a refusal's fixed text)."""
     messages = [Message(record, dst_node_id=node, message_type=message_type) for node, record in records.items()]
     answers: dict[int, T | str] = {node: "no reply" for node in records}
-    for reply in _exchange(grid, messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+    replies, sent_to = _exchange(grid, messages, timeout=timeout)
+    for reply in replies:
+        node = replying_node(reply, sent_to)
         if node not in records:
             continue
         try:

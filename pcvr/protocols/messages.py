@@ -58,7 +58,7 @@ __all__ = [
     "record_from_bytes",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: refusal codes moved clear of Flower's error codes (pcvr.protocols.refusals)
 PREFLIGHT_ACTION = "preflight"  # Flower message type "query.preflight"
 
 SECTION = "pcvr"

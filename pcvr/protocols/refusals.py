@@ -11,24 +11,31 @@ from __future__ import annotations
 
 import enum
 
+from flwr.common.constant import ErrorCode
+
 __all__ = ["Refusal", "Refused"]
 
 
 class Refusal(enum.IntEnum):
-    """A clean room's reason for answering with an error (the Flower error code)."""
+    """A clean room's reason for answering with an error (the Flower error code).
 
-    MALFORMED = 1
-    FAILED = 2
-    BAD_NAME = 3
-    LABEL_SET_NOT_ALLOWED = 4
-    CODEC_NOT_ALLOWED = 5
-    BATCH_BELOW_FLOOR = 6
-    TOO_FEW_ROWS = 7
-    DP_SGD_REQUIRED = 8
-    DP_BUDGET_SPENT = 9
-    RELEASES_PER_RUN_SPENT = 10
-    RELEASES_TOTAL_SPENT = 11
-    BACKBONE_MISMATCH = 12
+    The codes start at 1001, clear of Flower's own ``flwr.common.constant.ErrorCode``
+    values (0–8: a ClientApp that raised or crashed, a node the SuperLink could not
+    reach, ...), so a refusal is never mistaken for a Flower failure or the reverse.
+    """
+
+    MALFORMED = 1001
+    FAILED = 1002
+    BAD_NAME = 1003
+    LABEL_SET_NOT_ALLOWED = 1004
+    CODEC_NOT_ALLOWED = 1005
+    BATCH_BELOW_FLOOR = 1006
+    TOO_FEW_ROWS = 1007
+    DP_SGD_REQUIRED = 1008
+    DP_BUDGET_SPENT = 1009
+    RELEASES_PER_RUN_SPENT = 1010
+    RELEASES_TOTAL_SPENT = 1011
+    BACKBONE_MISMATCH = 1012
 
     @property
     def reason(self) -> str:
@@ -38,10 +45,21 @@ class Refusal(enum.IntEnum):
     @classmethod
     def describe(cls, code: int) -> str:
         """What a received error code means; a code that is not a refusal is named, never trusted as text."""
-        try:
+        if cls.is_refusal(code):
             return cls(code).reason
-        except ValueError:
-            return f"error code {code} (not a clean-room refusal)"
+        flower = _FLOWER_ERRORS.get(code)
+        if flower is not None:
+            return f"Flower error {flower} (code {code})"
+        return f"error code {code} (neither a clean-room refusal nor a Flower error)"
+
+    @classmethod
+    def is_refusal(cls, code: int) -> bool:
+        return code in cls._value2member_map_
+
+
+_FLOWER_ERRORS = {
+    getattr(ErrorCode, name): name for name in vars(ErrorCode) if name.isupper() and isinstance(getattr(ErrorCode, name), int)
+}
 
 
 _REASONS = {

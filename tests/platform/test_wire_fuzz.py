@@ -29,6 +29,7 @@ from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols.codecs import Codec, Quantization, encode
 from pcvr.protocols.label_dp import Correction
 from pcvr.protocols.messages import (
+    PROTOCOL_VERSION,
     SECTION,
     Binding,
     ProtocolError,
@@ -134,7 +135,8 @@ class ReplyFuzzer:
         return resealed(self.record, padding=padding)
 
     def wrong_version(self) -> RecordDict:
-        version = [0, 1, 3, -1, 2**40, "2", 2.0][int(self.rng.integers(0, 7))]
+        v = PROTOCOL_VERSION
+        version = [0, v - 1, v + 1, -1, 2**40, str(v), float(v)][int(self.rng.integers(0, 7))]
         if self.rng.random() < 0.5:
             values = fields_of(self.record)
             values["version"] = version

@@ -173,7 +173,7 @@ def test_any_change_without_a_new_digest_is_rejected() -> None:
 
 
 def test_wrong_version_is_rejected_even_when_resealed() -> None:
-    for version in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, "2", 2.0):
+    for version in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION), float(PROTOCOL_VERSION)):
         with pytest.raises(ProtocolError, match="protocol version"):
             read_reply(resealed(make_reply().to_record(), version=version))
 
