@@ -268,7 +268,7 @@ def _cmd_deploy_register(args: argparse.Namespace) -> None:
 
 
 def _cmd_deploy_run(args: argparse.Namespace) -> None:
-    from pcvr.deploy.local import run_training
+    from pcvr.deploy.local import read_nodes, run_training
     from pcvr.protocols.run_config import RunConfig
 
     layout, env = _remote_layout(args)
@@ -278,6 +278,7 @@ def _cmd_deploy_run(args: argparse.Namespace) -> None:
             "data-dir": str(args.work_dir),
             "run-dir": str(layout.training_dir if args.results_dir is None else args.results_dir),
             "clean-rooms": args.clean_rooms,
+            "clean-room-nodes": RunConfig.format_nodes(read_nodes(layout)),  # those `deploy register` registered
         }
     )
     _print_deploy_result(run_training(layout, env, config.to_run_config()), label_set=args.label_set, run_dir=layout.run_dir)

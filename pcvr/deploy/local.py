@@ -26,6 +26,7 @@ it exists for debugging on a closed machine only, and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -504,6 +505,8 @@ def deploy_local(deployment: LocalDeployment, *, out=print) -> dict:
             if node_ids:
                 _wait_online(processes, env, node_ids, timeout_s=deployment.startup_timeout_s)
             out(f"{deployment.clean_rooms} clean rooms online; training {config.num_rounds} rounds")
+            if node_ids:  # the platform trains with exactly these nodes
+                config = dataclasses.replace(config, clean_room_nodes=RunConfig.format_nodes(node_ids))
             return run_training(layout, env, config.to_run_config(), out=out)
     finally:
         processes.stop_all()
@@ -532,6 +535,16 @@ def register_keys(layout: DeployLayout, env: Mapping[str, str], public_keys: Seq
     return node_ids
 
 
+def read_nodes(layout: DeployLayout) -> dict[int, int]:
+    """Clean room → node id as :func:`register_keys` wrote them; empty when nothing was registered here."""
+    if not layout.nodes_file.exists():
+        return {}
+    try:
+        return {int(k): int(n) for k, n in json.loads(layout.nodes_file.read_text()).items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{layout.nodes_file}: not a node list written by `pcvr deploy register` ({exc})") from None
+
+
 def run_training(layout: DeployLayout, env: Mapping[str, str], run_config: Mapping[str, object], *, out=print) -> dict:
     """Start the training on a running SuperLink with ``flwr run --stream``; the platform's ``result.json``."""
     write_app(layout, run_config)
@@ -546,6 +559,8 @@ def run_training(layout: DeployLayout, env: Mapping[str, str], run_config: Mappi
 
 def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out) -> None:
     """``flwr run --stream``: every line into its log, pcvr's own lines to ``out`` as they come."""
+    from pcvr.platform.federation import ROUND_LINE_PREFIX, RUN_FAILED_PREFIX
+
     layout.logs.mkdir(parents=True, exist_ok=True)
     with layout.log_file("flwr-run").open("w") as run_log:
         process = subprocess.Popen(
@@ -556,8 +571,8 @@ def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out) -> None:
             for line in process.stdout or ():
                 run_log.write(line)
                 run_log.flush()
-                if "pcvr" in line and ("round" in line or "error" in line.lower()):
-                    out(line.rstrip())
+                if ROUND_LINE_PREFIX in line or RUN_FAILED_PREFIX in line:
+                    out(line[line.find("pcvr "):].rstrip())
             process.wait()
         finally:
             _stop_group(process, sig=signal.SIGTERM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pcvr.data.io import write_json_atomic
 from pcvr.models.cvr import backbone_digest, load_backbone, parameter_counts
-from pcvr.platform.federation import Holdout, run_federated_training
+from pcvr.platform.federation import RUN_FAILED_PREFIX, Holdout, run_federated_training
 from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols.run_config import RunConfig
@@ -49,8 +49,12 @@ def write_privacy_ledger(path: Path, config: RunConfig, *, run_id: int, ledgers:
     return ledger
 
 
-def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
-    """A ServerApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``."""
+def make_server_app(defaults: Mapping[str, object] | None = None, *, on_round: Callable[[str], None] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``.
+
+    ``on_round`` gets one line per round; the deployed app prints them, and Flower
+    streams a ServerApp's output to ``flwr run --stream``.
+    """
     defaults = dict(defaults or {})
     server_app = ServerApp()
 
@@ -65,7 +69,9 @@ def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
             backbone, learning_rate=config.learning_rate, total_steps=config.num_rounds, seed=config.seed
         )
         torch.set_num_threads(1)
-        run_log = run_federated_training(grid, config, trainer, Holdout(features, labels), backbone=digest)
+        run_log = run_federated_training(
+            grid, config, trainer, Holdout(features, labels), backbone=digest, on_round=on_round
+        )
         write_privacy_ledger(config.run_dir / "privacy_ledger.json", config, run_id=grid.run.run_id, ledgers=run_log.ledgers)
         result = run_log.write(
             config.run_dir / "result.json",
@@ -79,8 +85,14 @@ def make_server_app(defaults: Mapping[str, object] | None = None) -> ServerApp:
         )
         for line in result["failures"]:
             log.error("run failed: %s", line)
+            if on_round is not None:
+                on_round(f"{RUN_FAILED_PREFIX}: {line}")
 
     return server_app
 
 
-app = make_server_app()
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+app = make_server_app(on_round=_print_line)  # what a SuperLink runs: one line per round on its output

@@ -73,14 +73,34 @@ def wire_bytes(message: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
-def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
+class MembershipError(Exception):
+    """The connected nodes are not the clean rooms the run is for; the run does not start."""
+
+
+def _wait_for_nodes(grid: Grid, config: RunConfig) -> list[int]:
+    """The nodes to train with: exactly the registered ones once all are online, else the first ``clean_rooms``.
+
+    Raises:
+        MembershipError: a node that is not registered is connected.
+        TimeoutError: the clean rooms did not all connect in time.
+    """
+    registered = config.registered_nodes()
     deadline = time.monotonic() + _NODE_WAIT_S
     while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
+        online = set(grid.get_node_ids())
+        unknown = sorted(online - set(registered)) if registered else []
+        if unknown:
+            raise MembershipError(
+                f"node {unknown[0]} is connected but is not one of the registered clean rooms "
+                f"({config.clean_room_nodes}); refusing to start"
+            )
+        if registered and set(registered) <= online:
+            return sorted(registered)
+        if not registered and len(online) >= config.clean_rooms:
+            return sorted(online)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {count} clean rooms connected within {_NODE_WAIT_S:.0f} s")
+            count = len(online & set(registered)) if registered else len(online)
+            raise TimeoutError(f"only {count} of {config.clean_rooms} clean rooms connected within {_NODE_WAIT_S:.0f} s")
         time.sleep(0.1)
 
 
@@ -258,6 +278,9 @@ def preflight(
             rooms[node] = Participation(node=node, preflight=answer)
         else:
             refused = None if answer.refusal == 0 else f"clean room refused: {Refusal.describe(answer.refusal)}"
+            registered = config.registered_nodes().get(node, answer.clean_room_id)
+            if refused is None and answer.clean_room_id != registered:
+                refused = f"says it is clean room {answer.clean_room_id}, but is registered as clean room {registered}"
             rooms[node] = Participation(node=node, clean_room_id=answer.clean_room_id, preflight=refused)
     for room in rooms.values():
         if room.preflight is not None:
@@ -273,16 +296,24 @@ def run_federated_training(
     *,
     backbone: bytes,
     round_timeout: float = 600.0,
+    on_round: Callable[[str], None] | None = None,
 ) -> RunLog:
     """Pre-flight, then ``config.num_rounds`` rounds; returns the log (also checkpointed under ``config.run_dir``).
+
+    ``on_round`` gets one line per round (:func:`round_line`) as the round ends.
 
     A failed pre-flight check stops the run before round 1; ``MAX_EMPTY_ROUNDS``
     rounds in a row without a valid reply abandon it. Either way the log says why.
     """
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    nodes = _wait_for_nodes(grid, config.clean_rooms)
     run_id = grid.run.run_id
     run_log = RunLog()
+    try:
+        nodes = _wait_for_nodes(grid, config)
+    except MembershipError as exc:
+        run_log.abandoned = str(exc)
+        log.error(run_log.abandoned)
+        return run_log
     run_log.participation = preflight(grid, nodes, run_id=run_id, config=config, backbone=backbone, timeout=round_timeout)
     if any(room.preflight is not None for room in run_log.participation.values()):
         return run_log
@@ -348,14 +379,30 @@ def run_federated_training(
             run_log.abandoned = f"run abandoned at round {round_}: no valid reply for {empty_rounds} rounds in a row"
             log.error(run_log.abandoned)
             last = True
+        evaluation = None
         if round_ % config.eval_every == 0 or last:
-            metrics = trainer.evaluate(holdout.features, holdout.labels)
-            run_log.evaluations.append({"round": round_, "train_s": train_s, **metrics})
-            log.info("round %d: %s", round_, metrics)
+            evaluation = trainer.evaluate(holdout.features, holdout.labels)
+            run_log.evaluations.append({"round": round_, "train_s": train_s, **evaluation})
+            log.info("round %d: %s", round_, evaluation)
+        if on_round is not None:
+            on_round(round_line(run_log.rounds[-1], rounds=config.num_rounds, clean_rooms=len(nodes), evaluation=evaluation))
         if last:
             break
     run_log.ledgers = collect_ledgers(grid, nodes, run_id=run_id, config=config, timeout=round_timeout)
     return run_log
+
+
+ROUND_LINE_PREFIX = "pcvr round"  # the lines `pcvr deploy` shows from the ServerApp's output
+RUN_FAILED_PREFIX = "pcvr run failed"
+
+
+def round_line(entry: dict, *, rounds: int, clean_rooms: int, evaluation: dict | None) -> str:
+    """One round as a person reads it, e.g. ``pcvr round 5/10: 3/3 clean rooms, loss 0.0931, 41.2 s; AUC 0.8123 …``."""
+    loss = "no loss" if entry["loss"] is None else f"loss {entry['loss']:.4f}"
+    line = f"{ROUND_LINE_PREFIX} {entry['round']}/{rounds}: {entry['clean_rooms']}/{clean_rooms} clean rooms, {loss}, {entry['wall_s']:.1f} s"
+    if evaluation is not None:
+        line += f"; AUC {evaluation['auc']:.4f}, NE {evaluation['ne']:.4f}, calibration {evaluation['calibration']:.3f}"
+    return line
 
 
 def _ask(

@@ -51,6 +51,11 @@ class RunConfig:
         max_room_grad_norm: the platform clips each clean room's decoded gradient so its
             per-example mean has at most this L2 norm before aggregating (0: off), so one
             misbehaving clean room cannot dominate an update.
+        clean_room_nodes: the registered clean rooms, ``"<clean-room id>:<node id>,..."``
+            (``pcvr deploy register`` writes them to ``nodes.json``). When set, the
+            platform trains with exactly these nodes: it refuses to start while another
+            node is connected or a node reports another clean-room id. Empty (the
+            simulation, whose node ids are random): the first ``clean_rooms`` nodes.
     """
 
     data_dir: Path = Path("runs/demo")
@@ -74,6 +79,7 @@ class RunConfig:
     dp_delta: float = 1e-6
     min_participation: float = 0.9
     max_room_grad_norm: float = 0.0
+    clean_room_nodes: str = ""
 
     def __post_init__(self) -> None:
         for name in ("num_rounds", "clean_rooms", "batch_size", "min_batch_size", "eval_every", "max_message_bytes"):
@@ -96,6 +102,28 @@ class RunConfig:
             raise ValueError(f"run config: dp-delta must be in (0, 1); got {self.dp_delta}")
         if not 0 <= self.min_participation <= 1:
             raise ValueError(f"run config: min-participation must be in [0, 1]; got {self.min_participation}")
+        registered = self.registered_nodes()
+        if registered and len(registered) != self.clean_rooms:
+            raise ValueError(
+                f"run config: clean-room-nodes names {len(registered)} clean rooms but clean-rooms is {self.clean_rooms}"
+            )
+
+    def registered_nodes(self) -> dict[int, int]:
+        """``clean_room_nodes`` parsed: Flower node id → clean-room id (empty when unset)."""
+        nodes: dict[int, int] = {}
+        for entry in filter(None, (part.strip() for part in self.clean_room_nodes.split(","))):
+            room, _, node = entry.partition(":")
+            if not (room.isdigit() and node.isdigit()):
+                raise ValueError(f"run config: clean-room-nodes: {entry!r} is not <clean-room id>:<node id>")
+            if int(node) in nodes or int(room) in nodes.values():
+                raise ValueError(f"run config: clean-room-nodes: {entry!r} repeats a node or a clean room")
+            nodes[int(node)] = int(room)
+        return nodes
+
+    @staticmethod
+    def format_nodes(node_ids: Mapping[int, int]) -> str:
+        """clean-room id → node id, as ``clean_room_nodes`` holds it."""
+        return ",".join(f"{room}:{node}" for room, node in sorted(node_ids.items()))
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, object]) -> "RunConfig":

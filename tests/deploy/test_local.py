@@ -85,6 +85,11 @@ def test_deploy_local_trains_three_clean_rooms_over_tls_with_node_auth(work_dir,
     assert 0.5 < result["final"]["auc"] < 1.0
     nodes = json.loads(layout.nodes_file.read_text())
     assert sorted(nodes) == ["0", "1", "2"] and len(set(nodes.values())) == 3
+    # The platform trained with exactly the registered nodes, and said so round by round.
+    assert result["config"]["clean-room-nodes"] == ",".join(f"{k}:{nodes[k]}" for k in sorted(nodes))
+    round_lines = [line for line in printed.splitlines() if line.startswith("pcvr round ")]
+    assert [line.split()[2] for line in round_lines] == [f"{r}/{ROUNDS}:" for r in range(1, ROUNDS + 1)], printed
+    assert all("3/3 clean rooms" in line for line in round_lines) and "AUC" in round_lines[-1]
 
     superlink_log = layout.log_file("superlink").read_text()
     assert "Uvicorn running on https://" in superlink_log  # TLS on the one port

@@ -8,15 +8,26 @@ Flower's text from a ClientApp that raised could carry anything.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from types import SimpleNamespace
 
+import pytest
 from flwr.app import Error
 from flwr.common import Metadata
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.app.message import make_message
 
-from pcvr.platform.federation import receive_replies, replying_node
-from pcvr.protocols.messages import Binding
+from pcvr.platform.federation import (
+    MembershipError,
+    _wait_for_nodes,
+    preflight,
+    receive_replies,
+    replying_node,
+    run_federated_training,
+)
+from pcvr.protocols.messages import Binding, PreflightReply
 from pcvr.protocols.refusals import Refusal
 from pcvr.protocols.run_config import RunConfig
 
@@ -68,3 +79,72 @@ def test_refusal_codes_are_clear_of_flowers_error_codes():
 def test_a_reply_from_a_clean_room_is_its_senders_whatever_sent_to_says():
     reply = error_reply(src=ROOM, code=Refusal.FAILED, reason="")
     assert replying_node(reply, {INSTRUCTION_ID: 999}) == ROOM
+
+
+class PreflightGrid:
+    """Just enough of a Flower Grid for the pre-flight exchange: each node answers as ``identities`` says."""
+
+    def __init__(self, identities: dict[int, int]) -> None:
+        self.identities = identities
+        self.pushed: dict[str, object] = {}
+        self.run = SimpleNamespace(run_id=RUN)
+
+    def get_node_ids(self):
+        return list(self.identities)
+
+    def push_messages(self, messages):
+        ids = []
+        for k, message in enumerate(messages):
+            self.pushed[f"{k:064d}"] = message
+            ids.append(f"{k:064d}")
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for message_id in ids:
+            node = self.pushed[message_id].metadata.dst_node_id
+            metadata = Metadata(
+                run_id=RUN, message_id="", src_node_id=node, dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id=message_id,
+                group_id="", created_at=time.time(), ttl=600.0, message_type="query.preflight",
+            )
+            content = PreflightReply(Binding(run_id=RUN, round=0, node_id=node), clean_room_id=self.identities[node]).to_record()
+            replies.append(make_message(metadata=metadata, content=content))
+        return replies
+
+
+def registered(**rooms: int) -> RunConfig:
+    nodes = {int(room.removeprefix("room")): node for room, node in rooms.items()}
+    return RunConfig(clean_rooms=len(nodes), clean_room_nodes=RunConfig.format_nodes(nodes))
+
+
+def test_the_platform_trains_with_exactly_the_registered_nodes():
+    config = registered(room0=11, room1=12)
+    assert config.registered_nodes() == {11: 0, 12: 1}
+    assert _wait_for_nodes(PreflightGrid({12: 1, 11: 0}), config) == [11, 12]
+    # Unregistered (the simulation): whichever nodes connect.
+    assert _wait_for_nodes(PreflightGrid({7: 0, 9: 1}), RunConfig(clean_rooms=2)) == [7, 9]
+
+
+def test_an_unregistered_node_online_stops_the_run_before_anything_is_sent(tmp_path):
+    grid = PreflightGrid({11: 0, 12: 1, 66: 0})
+    config = dataclasses.replace(registered(room0=11, room1=12), run_dir=tmp_path)
+    with pytest.raises(MembershipError, match="node 66 is connected but is not one of the registered clean rooms"):
+        _wait_for_nodes(grid, config)
+    run_log = run_federated_training(grid, config, trainer=None, holdout=None, backbone=b"")
+    assert not grid.pushed and "node 66" in run_log.failures(rounds=1, min_share=0.9)[0]
+
+
+def test_a_node_that_claims_another_clean_rooms_id_fails_the_pre_flight_check(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN)  # what Flower sets in a ServerApp process
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", "task")
+    config = registered(room0=11, room1=12)
+    rooms = preflight(PreflightGrid({11: 0, 12: 0}), [11, 12], run_id=RUN, config=config, backbone=b"x" * 16, timeout=5)
+    assert rooms[11].preflight is None
+    assert rooms[12].preflight == "says it is clean room 0, but is registered as clean room 1"
+
+
+@pytest.mark.parametrize("nodes", ["0:11,1", "a:1", "0:11,0:12", "0:11,1:11"])
+def test_a_malformed_node_list_is_refused_naming_the_entry(nodes):
+    with pytest.raises(ValueError, match="clean-room-nodes"):
+        RunConfig(clean_rooms=2, clean_room_nodes=nodes)

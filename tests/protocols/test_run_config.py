@@ -44,6 +44,7 @@ def test_round_trip_every_field_changed():
         dp_delta=1e-5,
         min_participation=0.5,
         max_room_grad_norm=2.0,
+        clean_room_nodes="0:11,1:12",
     )
     assert all(
         getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig) if f.name != "dp_target_epsilon"
