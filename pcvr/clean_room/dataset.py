@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pcvr.clean_room.holdout import HOLDOUT_FRACTION, split_holdout
 from pcvr.data import schema
 from pcvr.data.io import DataError, Kind, read_table, require_unique, require_values_in, write_parquet_atomic
 from pcvr.models.features import EncodedFeatures, cat_column, dense_column
@@ -43,9 +44,10 @@ class CleanRoomData:
 
 @dataclass(frozen=True)
 class JoinSummary:
-    rows: int
+    rows: int  # joined rows trained on
     features_without_label: int
     labels_without_features: int
+    eval_rows: int = 0  # joined rows held out for evaluation
 
 
 def _feature_kinds(num_categorical: int, num_dense: int) -> dict[str, Kind]:
@@ -57,9 +59,24 @@ def _feature_kinds(num_categorical: int, num_dense: int) -> dict[str, Kind]:
 
 
 def join_inputs(
-    features_path: Path, labels_path: Path, out_path: Path, *, num_categorical: int, num_dense: int
+    features_path: Path,
+    labels_path: Path,
+    out_path: Path,
+    *,
+    num_categorical: int,
+    num_dense: int,
+    eval_path: Path | None = None,
+    holdout_key: bytes | None = None,
+    eval_fraction: float = HOLDOUT_FRACTION,
 ) -> JoinSummary:
-    """Validate both inputs, inner-join on the join key, write ``out_path``; nothing written on error."""
+    """Validate both inputs, inner-join on the join key, write ``out_path``; nothing written on error.
+
+    With ``eval_path`` (and the clean room's ``holdout_key``), the joined rows are split
+    (:func:`pcvr.clean_room.holdout.split_holdout`): ``out_path`` gets the training rows
+    and ``eval_path`` the held-out ones, same columns.
+    """
+    if (eval_path is None) != (holdout_key is None):
+        raise ValueError("a held-out split needs both eval_path and holdout_key")
     features = read_table(features_path, columns=_feature_kinds(num_categorical, num_dense))
     require_unique(features, schema.JOIN_KEY, path=features_path)
     labels = read_table(labels_path, columns=LABEL_KINDS, allow_infinite=(schema.EPSILON,))
@@ -78,11 +95,17 @@ def join_inputs(
     joined = joined.sort_by(_ROW).drop_columns([_ROW])
     if joined.num_rows == 0:
         raise DataError(f"{labels_path}: no label matches a row of {features_path} (different join secrets?)")
+    matched = joined.num_rows
+    held_out = None
+    if eval_path is not None:
+        joined, held_out = split_holdout(joined, fraction=eval_fraction, seed_key=holdout_key)
+        write_parquet_atomic(held_out, eval_path)
     write_parquet_atomic(joined, out_path)
     return JoinSummary(
         rows=joined.num_rows,
-        features_without_label=features.num_rows - joined.num_rows,
-        labels_without_features=labels.num_rows - joined.num_rows,
+        features_without_label=features.num_rows - matched,
+        labels_without_features=labels.num_rows - matched,
+        eval_rows=0 if held_out is None else held_out.num_rows,
     )
 
 

@@ -41,14 +41,15 @@ def pseudonymous_keys(click_ids: Iterable[str], *, secret: bytes) -> list[bytes]
     return keys
 
 
-def prf_uniforms(record_keys: Iterable[bytes], *, secret: bytes) -> np.ndarray:
-    """One uniform draw in [0, 1) per record, keyed by the advertiser's RR secret.
+def prf_uniforms(record_keys: Iterable[bytes], *, secret: bytes, domain: bytes = _RR_DOMAIN) -> np.ndarray:
+    """One uniform draw in [0, 1) per record, keyed by ``secret`` (by default the advertiser's RR secret).
 
     The top 53 bits of HMAC(secret, domain ‖ key) give a float64 with every value
-    k / 2^53 equally likely, so P(u < ρ) = ρ up to 2^-53.
+    k / 2^53 equally likely, so P(u < ρ) = ρ up to 2^-53. Each use has its own
+    ``domain``, so draws made for one purpose say nothing about another's.
     """
     base = _mac(secret)
-    base.update(_RR_DOMAIN)
+    base.update(domain)
     words = []
     for key in record_keys:
         mac = base.copy()

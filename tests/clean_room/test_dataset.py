@@ -20,6 +20,7 @@ from pcvr.models.features import cat_column, dense_column
 NUM_CAT = len(schema.CATEGORICAL_FIELDS)
 NUM_DENSE = len(schema.DENSE_FIELDS)
 SIZES = dict(num_categorical=NUM_CAT, num_dense=NUM_DENSE)
+HOLDOUT_KEY = b"h" * 32
 
 
 def key(i: int) -> bytes:
@@ -86,6 +87,18 @@ def test_inner_join_on_join_key_drops_unlabelled_rows(tmp_path) -> None:
         expected = {**by_key_features[row[schema.JOIN_KEY]], **by_key_labels[row[schema.JOIN_KEY]]}
         assert row == expected
     assert [p.name for p in out_path.parent.iterdir()] == ["train.parquet"]  # no staging file left
+
+
+def test_the_join_writes_the_held_out_rows_beside_the_training_rows(tmp_path) -> None:
+    features_path, labels_path, out_path = write_inputs(tmp_path, features_table(list(range(400))), labels_table(list(range(400))))
+    eval_path = out_path.with_name("eval.parquet")
+    summary = join_inputs(features_path, labels_path, out_path, **SIZES, eval_path=eval_path, holdout_key=HOLDOUT_KEY, eval_fraction=0.2)
+    train, held = pq.read_table(out_path), pq.read_table(eval_path)
+    assert (summary.rows, summary.eval_rows) == (train.num_rows, held.num_rows) and train.num_rows + held.num_rows == 400
+    assert 0 < held.num_rows < 200 and train.schema == held.schema
+    assert not set(train.column(schema.JOIN_KEY).to_pylist()) & set(held.column(schema.JOIN_KEY).to_pylist())
+    with pytest.raises(ValueError, match="needs both eval_path and holdout_key"):
+        join_inputs(features_path, labels_path, out_path, **SIZES, eval_path=eval_path)
 
 
 def test_load_training_data_tensors(tmp_path) -> None:
