@@ -79,8 +79,11 @@ def resealed(record: RecordDict, *, drop: tuple[str, ...] = (), **changes: objec
 RUN_ID, NODE_ID = 11, 2**40 + 7
 
 
-def write_clean_room(directory, *, rows: int, seed: int = 0, label_set: str = "eps=3", policy=None) -> None:
-    """A clean room's directory as ``pcvr prepare`` leaves it: backbone copy, joined rows, label ledger, policy."""
+def write_clean_room(
+    directory, *, rows: int, seed: int = 0, label_set: str = "eps=3", policy=None, eval_rows: int = 0
+) -> None:
+    """A clean room's directory as ``pcvr prepare`` leaves it: backbone copy, joined rows, label ledger, policy;
+    with ``eval_rows``, a held-out split of that many other rows."""
     import json
     from pathlib import Path
 
@@ -92,16 +95,22 @@ def write_clean_room(directory, *, rows: int, seed: int = 0, label_set: str = "e
     from pcvr.models.cvr import save_backbone
     from pcvr.models.features import cat_column, dense_column
 
+    def joined_rows(count: int, *, seed: int, first_key: int):
+        data = clean_room_data(count, seed=seed)
+        keys = [i.to_bytes(32, "big") for i in range(first_key, first_key + count)]
+        columns = {schema.JOIN_KEY: pa.array(keys, type=pa.binary(32))}
+        columns |= {cat_column(i): data.features.categorical[:, i].numpy() for i in range(data.features.categorical.shape[1])}
+        columns |= {dense_column(j): data.features.dense[:, j].numpy() for j in range(data.features.dense.shape[1])}
+        columns |= {schema.NOISY_LABEL: data.noisy_labels.numpy().astype("int8"), schema.EPSILON: [3.0] * count}
+        columns |= {schema.FLIP_PROB: data.flip_probs.numpy().astype("float64")}
+        return pa.table(columns)
+
     directory = Path(directory)
     save_backbone(make_backbone(), directory / "backbone")
-    data = clean_room_data(rows, seed=seed)
-    columns = {schema.JOIN_KEY: pa.array([i.to_bytes(32, "big") for i in range(rows)], type=pa.binary(32))}
-    columns |= {cat_column(i): data.features.categorical[:, i].numpy() for i in range(data.features.categorical.shape[1])}
-    columns |= {dense_column(j): data.features.dense[:, j].numpy() for j in range(data.features.dense.shape[1])}
-    columns |= {schema.NOISY_LABEL: data.noisy_labels.numpy().astype("int8"), schema.EPSILON: [3.0] * rows}
-    columns |= {schema.FLIP_PROB: data.flip_probs.numpy().astype("float64")}
     (directory / label_set).mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), directory / label_set / "train.parquet")
+    pq.write_table(joined_rows(rows, seed=seed, first_key=0), directory / label_set / "train.parquet")
+    if eval_rows:
+        pq.write_table(joined_rows(eval_rows, seed=seed + 1, first_key=rows), directory / label_set / "eval.parquet")
     ledger = {"source": "/advertiser/conversions.parquet", "records": rows, "levels": {}}
     (directory / label_set / "ledger.json").write_text(json.dumps(ledger))
     if policy is not None:

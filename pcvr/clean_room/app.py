@@ -35,12 +35,14 @@ from flwr.clientapp import ClientApp
 
 from pcvr.clean_room.dataset import load_training_data
 from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch
+from pcvr.clean_room.evaluate import EVAL_FILE, evaluate_split, evaluation_ledger, record_release
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
 from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, backbone_digest, load_backbone, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
+from pcvr.protocols.eval_messages import EVALUATE_MESSAGE, EvaluateIns, EvaluateReply
 from pcvr.protocols.messages import (
     PREFLIGHT_ACTION,
     LedgerIns,
@@ -307,10 +309,36 @@ def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
     return reply.to_record()
 
 
+def _evaluate(msg: Message, context: Context, config: RunConfig) -> RecordDict:
+    """Score the held-out split with the weights sent; reply with its sums only (:mod:`.evaluate`)."""
+    node = _node_facts(context.node_config, config)
+    label_set_dir(node.directory, config.label_set)
+    node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
+    torch.set_num_threads(1)
+    model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
+    ins = EvaluateIns.from_record(
+        msg.content,
+        run_id=context.run_id,
+        node_id=context.node_id,
+        num_adapter_params=parameter_counts(model)["adapters"],
+        max_bytes=config.max_message_bytes,
+    )
+    path = label_set_dir(node.directory, config.label_set, EVAL_FILE)
+    if not path.exists():
+        raise Refused(Refusal.NO_HOLDOUT, f"{path} does not exist")
+    data = load_training_data(path, num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS))
+    floor = node.policy.batch_floor(ins.min_batch_size)
+    node.policy.check_rows(len(data), floor=floor)
+    set_adapter_vector(model, torch.from_numpy(ins.adapter_weights()))
+    aggregates = evaluate_split(model, data, min_rows=floor)
+    record_release(context.state, rows=len(data))  # before anything leaves
+    return EvaluateReply(binding=ins.binding, aggregates=aggregates).to_record()
+
+
 def _query(msg: Message, context: Context, config: RunConfig) -> RecordDict:
     node = _node_facts(context.node_config, config)
     ins = LedgerIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
-    ledger = privacy_ledger(node, config, run_id=context.run_id)
+    ledger = {**privacy_ledger(node, config, run_id=context.run_id), "evaluation": evaluation_ledger(context.state)}
     return LedgerReply(binding=ins.binding, ledger=ledger).to_record()
 
 
@@ -329,6 +357,10 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context)))
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context)))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,7 @@ from pcvr.data import schema
 from pcvr.models.features import EncodedFeatures
 
 __all__ = [
+    "predict",
     "ModelConfig",
     "CVRNet",
     "GatedLoRALinear",
@@ -182,6 +184,17 @@ def adapter_grad_vector(model: nn.Module) -> torch.Tensor:
     return torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in adapter_parameters(model)]
     ).to(torch.float32)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, features: EncodedFeatures, *, batch_size: int = 65_536) -> np.ndarray:
+    """Predicted conversion probabilities, float64, shape [N] (the platform's holdout and a clean room's split)."""
+    model.eval()
+    chunks = [
+        torch.sigmoid(model(features.take(torch.arange(start, min(start + batch_size, len(features))))))
+        for start in range(0, len(features), batch_size)
+    ]
+    return torch.cat(chunks).double().numpy()
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

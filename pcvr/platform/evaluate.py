@@ -11,23 +11,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pcvr.models.features import EncodedFeatures
+from pcvr.models.cvr import predict
 
 __all__ = ["holdout_metrics", "predict"]
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, features: EncodedFeatures, *, batch_size: int = 65_536) -> np.ndarray:
-    """Predicted conversion probabilities, float64, shape [N]."""
-    model.eval()
-    chunks = [
-        torch.sigmoid(model(features.take(torch.arange(start, min(start + batch_size, len(features))))))
-        for start in range(0, len(features), batch_size)
-    ]
-    return torch.cat(chunks).double().numpy()
 
 
 def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:

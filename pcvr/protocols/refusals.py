@@ -36,6 +36,7 @@ class Refusal(enum.IntEnum):
     RELEASES_PER_RUN_SPENT = 1010
     RELEASES_TOTAL_SPENT = 1011
     BACKBONE_MISMATCH = 1012
+    NO_HOLDOUT = 1013
 
     @property
     def reason(self) -> str:
@@ -75,6 +76,7 @@ _REASONS = {
     Refusal.RELEASES_PER_RUN_SPENT: "the clean room's policy allows no more gradient releases in this run",
     Refusal.RELEASES_TOTAL_SPENT: "the clean room's policy allows no more gradient releases",
     Refusal.BACKBONE_MISMATCH: "the clean room's backbone is not the platform's",
+    Refusal.NO_HOLDOUT: "the clean room holds no held-out split for this label set",
 }
 
 
