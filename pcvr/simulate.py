@@ -6,7 +6,9 @@
 3. each advertiser applies its consent policy and randomized response and hands
    the noisy labels into its clean room, which joins them with the features;
 4. for each setting, Flower's simulation engine runs the platform's ServerApp and
-   one ClientApp per clean room; the platform evaluates on the holdout's true labels.
+   one ClientApp per clean room; the platform evaluates on the holdout's true labels, and
+   each clean room privately on its held-out split (de-biased sums only), printed beside
+   the true-label metrics of the same rows (:mod:`pcvr.oracle`).
 
 Preparation is idempotent: what a work directory already holds is reused while the
 inputs it was made from are unchanged (:mod:`pcvr.data.prepared`), so settings can be
@@ -32,16 +34,20 @@ from pcvr.advertiser.handoff import hand_off
 from pcvr.advertiser.policy import ConsentPolicy
 from pcvr.clean_room.app import clean_room_dir, make_client_app
 from pcvr.clean_room.dataset import join_inputs
+from pcvr.clean_room.evaluate import EVAL_FILE
+from pcvr.clean_room.holdout import HOLDOUT_FRACTION
 from pcvr.clean_room.policy import POLICY_FILE, RoomPolicy
 from pcvr.data import schema
 from pcvr.data.io import write_bytes_atomic, write_json_atomic
 from pcvr.data.prepared import prepare_artifact, require_secret
 from pcvr.data.synth import WorldConfig, synthesize
 from pcvr.models.cvr import ModelConfig, attach_adapters, load_backbone, parameter_counts, save_backbone
+from pcvr.oracle import HeldOutRows, held_out_truth
 from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import export_for_clean_room, read_labelled
 from pcvr.platform.pretrain import pretrain_backbone
+from pcvr.platform.training import format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
@@ -148,6 +154,13 @@ def _load_secrets(work: Path, advertiser: int) -> tuple[bytes, bytes]:
     return join_secret, rr_secret
 
 
+def _holdout_key(work: Path, advertiser: int) -> bytes:
+    """The clean room's own secret that draws its held-out split (never sent)."""
+    path = work / "secrets" / f"advertiser_{advertiser}" / "holdout.key"
+    require_secret(path, made_with_it=sorted(clean_room_dir(work, advertiser).glob(f"*/{EVAL_FILE}")))
+    return load_or_create_secret(path)
+
+
 def prepare(spec: SimulationSpec) -> dict:
     """Create the world, backbone, exports, hand-offs and joins under ``spec.work_dir``, or reuse them.
 
@@ -193,6 +206,7 @@ def prepare(spec: SimulationSpec) -> dict:
         )
         prepare_artifact(room / "backbone", {"backbone": backbone_dir(work)}, lambda: _copy_backbone(work, room))
         conversions = world_dir / f"advertiser_{k}" / "conversions.parquet"
+        holdout_key = _holdout_key(work, k)
         for name, policy in spec.label_sets().items():
             label_dir = room / name
             inputs = {
@@ -201,8 +215,14 @@ def prepare(spec: SimulationSpec) -> dict:
                 "features": room / "features.parquet",
                 "join_secret": join_secret,
                 "rr_secret": rr_secret,
+                "holdout_key": holdout_key,
+                "eval_fraction": HOLDOUT_FRACTION,
             }
-            prepare_artifact(label_dir, inputs, lambda: _hand_off_and_join(conversions, room, label_dir, policy, join_secret, rr_secret))
+            prepare_artifact(
+                label_dir,
+                inputs,
+                lambda: _hand_off_and_join(conversions, room, label_dir, policy, join_secret, rr_secret, holdout_key),
+            )
             ledgers.setdefault(name, []).append(json.loads((label_dir / "ledger.json").read_text()))
     return {"world": world, "ledgers": ledgers}
 
@@ -213,7 +233,13 @@ def _copy_backbone(work: Path, room: Path) -> None:
 
 
 def _hand_off_and_join(
-    conversions: Path, room: Path, label_dir: Path, policy: ConsentPolicy, join_secret: bytes, rr_secret: bytes
+    conversions: Path,
+    room: Path,
+    label_dir: Path,
+    policy: ConsentPolicy,
+    join_secret: bytes,
+    rr_secret: bytes,
+    holdout_key: bytes,
 ) -> None:
     hand_off(conversions, label_dir, policy=policy, join_secret=join_secret, rr_secret=rr_secret)
     join_inputs(
@@ -222,7 +248,23 @@ def _hand_off_and_join(
         label_dir / "train.parquet",
         num_categorical=len(schema.CATEGORICAL_FIELDS),
         num_dense=len(schema.DENSE_FIELDS),
+        eval_path=label_dir / EVAL_FILE,
+        holdout_key=holdout_key,
     )
+
+
+def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, name: str, label_set: str) -> dict[str, float]:
+    """True-label metrics of the setting's final model on the rows the clean rooms evaluated privately."""
+    adapters = torch.load(spec.work_dir / "runs" / name / "checkpoint.pt", weights_only=True)["adapters"]
+    rooms = [
+        HeldOutRows(
+            eval_path=clean_room_dir(spec.work_dir, k) / label_set / EVAL_FILE,
+            conversions_path=spec.work_dir / "world" / f"advertiser_{k}" / "conversions.parquet",
+            join_secret=_load_secrets(spec.work_dir, k)[0],
+        )
+        for k in range(spec.world.advertisers)
+    ]
+    return held_out_truth(backbone, adapters, rooms)
 
 
 def _quiet_flower() -> None:
@@ -295,6 +337,8 @@ def simulate(spec: SimulationSpec) -> dict:
             "bytes_down_per_round": result["bytes_down_per_round"],
             "rejected": result["rejected"],
             "served": served,
+            "private": result["private"],
+            "held_out_truth": _held_out_truth(spec, backbone, name=name, label_set=label_set),
         }
         bytes_up += result["bytes_up"]
         bytes_down += result["bytes_down"]
@@ -339,6 +383,12 @@ def format_table(summary: dict) -> str:
         lines.append(
             f"{name:<22} {metrics['auc']:>7.4f} {delta:>20} {metrics['ne']:>7.4f} {metrics['calibration']:>12.3f}{wire}"
         )
+        if "private" in metrics:
+            truth = metrics["held_out_truth"]
+            lines.append(
+                f"{'':<22} {format_private(metrics['private'])}\n{'':<22} true labels of the same rows: "
+                f"AUC {truth['auc']:.4f}, NE {truth['ne']:.4f}, calibration {truth['calibration']:.3f}"
+            )
     params = summary["parameters"]
     lines.append(
         f"\n{summary['clean_rooms']} clean rooms, {summary['rounds']} rounds per setting, "

@@ -194,3 +194,34 @@ def test_a_simulation_whose_clean_rooms_cannot_serve_exits_non_zero_naming_the_r
     assert row.split()[1] == "FAILED" and "too_few_rows" in row
     summary = json.loads((work / "summary.json").read_text())
     assert "stale" not in summary and summary["failures"]
+
+
+def test_private_evaluation_agrees_with_the_true_labels_of_the_same_rows_within_its_se(small_run):
+    """What the platform learns without true labels, against what the true labels of those rows say."""
+    spec, summary = small_run
+    results = summary["results"]
+    for name in ("eps=3,forward", "eps=3,none"):
+        private, truth = results[name]["private"], results[name]["held_out_truth"]
+        assert private["unavailable"] is None and private["rooms"] == spec.world.advertisers
+        assert private["rows"] == truth["rows"] > 0.05 * spec.world.rows
+        for metric in ("auc", "ne", "calibration"):
+            estimate = private[metric]
+            assert 0 < estimate["se"] and abs(estimate["value"] - truth[metric]) <= 3 * estimate["se"], (name, metric)
+    assert results["eps=3,none"]["private"]["calibration"]["value"] > 2.0  # it sees the broken calibration too
+    exact = results["non_private"]  # no noise: the estimate is the true-label metric, with no error
+    for metric in ("auc", "ne", "calibration"):
+        assert exact["private"][metric]["se"] == 0.0
+        assert exact["private"][metric]["value"] == pytest.approx(exact["held_out_truth"][metric], rel=1e-5)
+
+
+def test_the_run_result_and_ledgers_carry_the_private_evaluation(small_run):
+    spec, _ = small_run
+    run_dir = spec.work_dir / "runs" / "eps=3,forward"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["private"]["round"] == spec.num_rounds
+    assert set(result["private"]["clean_rooms"].values()) == {"ok"}
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    assert ledger["private_evaluation"]["label_dp_epsilon_spent"] == 0.0
+    for entry in ledger["clean_rooms"].values():
+        assert entry["evaluation"]["releases"] == 1 and entry["evaluation"]["label_dp_epsilon_spent"] == 0.0
+        assert entry["releases"]["in_run"] == spec.num_rounds  # evaluation is not a gradient release

@@ -15,7 +15,7 @@ from pcvr.data.io import write_json_atomic
 from pcvr.models.cvr import backbone_digest, load_backbone, parameter_counts
 from pcvr.platform.federation import RUN_FAILED_PREFIX, Holdout, run_federated_training
 from pcvr.platform.features import read_labelled
-from pcvr.platform.training import AdapterTrainer
+from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.run_config import RunConfig
 
 __all__ = ["app", "make_server_app", "backbone_dir", "holdout_path", "write_privacy_ledger"]
@@ -44,6 +44,11 @@ def write_privacy_ledger(path: Path, config: RunConfig, *, run_id: int, ledgers:
             "correction": config.correction.value,
         },
         "clean_rooms": {node: ledgers[node] for node in sorted(ledgers)},
+        "private_evaluation": {
+            "label_dp_epsilon_spent": 0.0,
+            "why": "each clean room releases only sums over its held-out split: post-processing of "
+            "epsilon-label-DP noisy labels, on rows that never enter a gradient",
+        },
     }
     write_json_atomic(path, ledger)
     return ledger
@@ -83,6 +88,7 @@ def make_server_app(defaults: Mapping[str, object] | None = None, *, on_round: C
             final=run_log.evaluations[-1] if run_log.evaluations else None,
             wall_s=time.monotonic() - started,
         )
+        log.info("%s", format_private(result["private"]))
         for line in result["failures"]:
             log.error("run failed: %s", line)
             if on_round is not None:

@@ -5,7 +5,9 @@ delta against the version it acknowledged, :mod:`pcvr.platform.downlink`),
 collect replies, validate each against the round's binding (a rejected reply is
 counted, logged and never applied), decode, aggregate, take one optimizer step,
 checkpoint; evaluate on the holdout every ``eval_every`` rounds and at the end.
-After the last round every clean room is asked for its privacy ledger.
+After the last round every clean room scores its held-out split and returns only
+de-biased sums (:func:`collect_private_evaluation`), then is asked for its
+privacy ledger.
 
 Bytes are counted as Flower puts each message on the wire: the sum of the
 deflated objects of the message's tree (metadata, record dict, records).
@@ -28,7 +30,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from pcvr.models.features import EncodedFeatures
 from pcvr.platform.downlink import Downlink
-from pcvr.platform.training import AdapterTrainer, Participation, RunLog, aggregate, clip_room_gradient
+from pcvr.platform.training import AdapterTrainer, Participation, PrivateEvaluation, RunLog, aggregate, clip_room_gradient
+from pcvr.protocols.codecs import encode
+from pcvr.protocols.eval_messages import EVALUATE_MESSAGE, WEIGHTS_CODEC, EvaluateIns, EvaluateReply
+from pcvr.protocols.private_eval import EvalAggregates, combine, estimate
 from pcvr.protocols.messages import (
     Binding,
     PREFLIGHT_ACTION,
@@ -52,6 +57,7 @@ __all__ = [
     "apply_round",
     "preflight",
     "run_federated_training",
+    "collect_private_evaluation",
     "collect_ledgers",
 ]
 
@@ -388,6 +394,11 @@ def run_federated_training(
             on_round(round_line(run_log.rounds[-1], rounds=config.num_rounds, clean_rooms=len(nodes), evaluation=evaluation))
         if last:
             break
+    if run_log.rounds:
+        run_log.private = collect_private_evaluation(
+            grid, run_log.participation, run_id=run_id, round_=run_log.rounds[-1]["round"], config=config,
+            weights=trainer.adapter_weights(), timeout=round_timeout,
+        )
     run_log.ledgers = collect_ledgers(grid, nodes, run_id=run_id, config=config, timeout=round_timeout)
     return run_log
 
@@ -427,6 +438,47 @@ def _ask(
         except ProtocolError as exc:
             answers[node] = str(exc)
     return answers
+
+
+def collect_private_evaluation(
+    grid: Grid,
+    rooms: dict[int, Participation],
+    *,
+    run_id: int,
+    round_: int,
+    config: RunConfig,
+    weights: np.ndarray,
+    timeout: float,
+) -> PrivateEvaluation:
+    """Send every clean room the final weights; combine the sums of their held-out splits into estimates.
+
+    Each reply is validated (binding, fields, at least ``config.min_batch_size`` rows);
+    the estimate is made only when every clean room answered validly.
+    """
+    frame = encode(weights, WEIGHTS_CODEC, generator=np.random.default_rng(0))  # lossless: no draw is used
+    bindings = {node: Binding(run_id=run_id, round=round_, node_id=node) for node in rooms}
+    records = {
+        node: EvaluateIns(binding, size=len(weights), weights=frame, min_batch_size=config.min_batch_size).to_record()
+        for node, binding in bindings.items()
+    }
+
+    def parse(node: int, content: RecordDict) -> EvalAggregates:
+        reply = EvaluateReply.from_record(
+            content, expected=bindings[node], min_rows=config.min_batch_size, max_bytes=config.max_message_bytes
+        )
+        return reply.aggregates
+
+    answers = _ask(grid, records, message_type=EVALUATE_MESSAGE, parse=parse, timeout=timeout)
+    status = {rooms[node].name: answer if isinstance(answer, str) else "ok" for node, answer in sorted(answers.items())}
+    failed = [f"{name}: {why}" for name, why in status.items() if why != "ok"]
+    if failed:
+        log.warning("private evaluation: %s", "; ".join(failed))
+        return PrivateEvaluation(round=round_, metrics=None, rooms=status, unavailable="; ".join(failed))
+    try:
+        metrics = estimate(combine(answer for answer in answers.values() if not isinstance(answer, str)))
+    except ValueError as exc:
+        return PrivateEvaluation(round=round_, metrics=None, rooms=status, unavailable=str(exc))
+    return PrivateEvaluation(round=round_, metrics=metrics, rooms=status)
 
 
 def collect_ledgers(grid: Grid, nodes: list[int], *, run_id: int, config: RunConfig, timeout: float) -> dict[str, dict]:

@@ -21,8 +21,18 @@ from pcvr.models.cvr import (
 from pcvr.data.io import write_json_atomic
 from pcvr.models.features import EncodedFeatures
 from pcvr.platform.evaluate import holdout_metrics, predict
+from pcvr.protocols.private_eval import PrivateMetrics
 
-__all__ = ["aggregate", "clip_room_gradient", "cosine_learning_rate", "AdapterTrainer", "Participation", "RunLog"]
+__all__ = [
+    "aggregate",
+    "clip_room_gradient",
+    "cosine_learning_rate",
+    "AdapterTrainer",
+    "Participation",
+    "PrivateEvaluation",
+    "format_private",
+    "RunLog",
+]
 
 
 def aggregate(gradients: Sequence[np.ndarray], *, num_examples: Sequence[int]) -> np.ndarray:
@@ -160,6 +170,43 @@ class Participation:
         }
 
 
+@dataclass(frozen=True)
+class PrivateEvaluation:
+    """The clean rooms' de-biased evaluation of the model after ``round`` (:mod:`pcvr.protocols.private_eval`).
+
+    ``metrics`` is over every clean room's held-out split, or ``None`` when any room
+    gave no valid answer (an estimate over some rooms would pass for the run's);
+    ``rooms`` says, per clean room, ``"ok"`` or why not.
+    """
+
+    round: int
+    metrics: PrivateMetrics | None
+    rooms: dict[str, str]
+    unavailable: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "round": self.round,
+            **(self.metrics.to_dict() if self.metrics is not None else {}),
+            "clean_rooms": dict(self.rooms),
+            "unavailable": self.unavailable,
+        }
+
+
+def format_private(entry: dict | None) -> str:
+    """One line for a :meth:`PrivateEvaluation.to_dict` entry: each estimate ± its standard error."""
+    if entry is None:
+        return "private evaluation: not run"
+    if entry.get("unavailable"):
+        return f"private evaluation: unavailable: {entry['unavailable']}"
+    return (
+        f"private (de-biased, {entry['rooms']} clean rooms, {entry['rows']:,} held-out rows): "
+        f"AUC {entry['auc']['value']:.4f} ± {entry['auc']['se']:.4f}, "
+        f"NE {entry['ne']['value']:.4f} ± {entry['ne']['se']:.4f}, "
+        f"calibration {entry['calibration']['value']:.3f} ± {entry['calibration']['se']:.3f}"
+    )
+
+
 @dataclass
 class RunLog:
     """What the platform saw during a run: per-round loss and bytes, evaluations, rejections, ledgers, participation."""
@@ -171,6 +218,7 @@ class RunLog:
     participation: dict[int, Participation] = field(default_factory=dict)  # node id → what it did
     steps: int = 0  # optimizer steps applied
     abandoned: str | None = None  # why the run stopped before its last round
+    private: PrivateEvaluation | None = None  # the clean rooms' evaluation after the last round
 
     @property
     def bytes_up(self) -> int:
@@ -210,6 +258,7 @@ class RunLog:
             "rejections": self.rejected,
             "participation": {p.name: p.to_dict() for _, p in sorted(self.participation.items())},
             "evaluations": self.evaluations,
+            "private": None if self.private is None else self.private.to_dict(),
             "history": self.rounds,
         }
         write_json_atomic(path, result)
