@@ -47,7 +47,8 @@ from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import export_for_clean_room, read_labelled
 from pcvr.platform.pretrain import pretrain_backbone
-from pcvr.platform.training import format_private
+from pcvr.platform.federation import CHECKPOINT_FILE
+from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
@@ -253,9 +254,9 @@ def _hand_off_and_join(
     )
 
 
-def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, name: str, label_set: str) -> dict[str, float]:
+def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, run_dir: Path, label_set: str) -> dict[str, float]:
     """True-label metrics of the setting's final model on the rows the clean rooms evaluated privately."""
-    adapters = torch.load(spec.work_dir / "runs" / name / "checkpoint.pt", weights_only=True)["adapters"]
+    adapters = AdapterTrainer.saved_adapters(run_dir / CHECKPOINT_FILE)
     rooms = [
         HeldOutRows(
             eval_path=clean_room_dir(spec.work_dir, k) / label_set / EVAL_FILE,
@@ -338,7 +339,10 @@ def simulate(spec: SimulationSpec) -> dict:
             "rejected": result["rejected"],
             "served": served,
             "private": result["private"],
-            "held_out_truth": _held_out_truth(spec, backbone, name=name, label_set=label_set),
+            "held_out_truth": _held_out_truth(
+                spec, backbone, run_dir=spec.run_config(label_set=label_set, correction=correction, name=name).run_dir,
+                label_set=label_set,
+            ),
         }
         bytes_up += result["bytes_up"]
         bytes_down += result["bytes_down"]

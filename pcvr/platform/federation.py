@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _POLL_S = 0.01
 _NODE_WAIT_S = 120.0
+CHECKPOINT_FILE = "checkpoint.pt"  # in the run dir: the adapters and optimizer after the last completed round
 MAX_EMPTY_ROUNDS = 3  # consecutive rounds without a valid reply before the run is abandoned
 
 
@@ -366,7 +367,7 @@ def run_federated_training(
         if not accepted:
             log.warning("round %d: no valid reply; no step this round", round_)
         examples = [reply.num_examples for reply in accepted.values()]
-        trainer.checkpoint(config.run_dir / "checkpoint.pt")
+        trainer.checkpoint(config.run_dir / CHECKPOINT_FILE)
         losses = [(r.loss, r.num_examples) for r in accepted.values() if r.loss is not None]
         train_s += time.monotonic() - started
         run_log.rounds.append(

@@ -121,6 +121,11 @@ class AdapterTrainer:
         )
         staging.replace(path)
 
+    @staticmethod
+    def saved_adapters(path: Path) -> torch.Tensor:
+        """The adapter weights a :meth:`checkpoint` holds, without building a trainer."""
+        return torch.load(path, weights_only=True)["adapters"]
+
     def restore(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)
         set_adapter_vector(self.model, state["adapters"])

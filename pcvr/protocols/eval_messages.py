@@ -90,9 +90,7 @@ class EvaluateIns:
             weights=_bytes(values, _WEIGHTS),
             min_batch_size=_int(values, _MIN_BATCH_SIZE, minimum=1, maximum=2**31 - 1),
         )
-        weights = ins.adapter_weights()  # shape, dtype, NaN/inf: rejected before anything is scored
-        if not np.isfinite(weights).all():
-            raise ProtocolError("adapter weights hold NaN or infinite values")
+        ins.adapter_weights()  # shape, dtype, NaN/inf (the codec's decode): rejected before anything is scored
         return ins
 
 
