@@ -162,3 +162,26 @@ def room_context(directory, *, run_config: dict | None = None, node_config: dict
     node = {"clean-room-id": 0, "clean-room-dir": str(directory), **(node_config or {})}
     run = {"label-set": "eps=3", "batch-size": 64, "min-batch-size": 64, "codec": "none", **(run_config or {})}
     return Context(run_id=RUN_ID, node_id=NODE_ID, node_config=node, state=RecordDict(), run_config=run)
+
+
+def train_reply_message(node: int, update, *, run_id: int, round_: int, examples: int):
+    """A clean room's honest-looking reply (codec none) to round ``round_``, as the platform pulls it."""
+    import time
+
+    import numpy as np
+    from flwr.app import Message
+    from flwr.common import Metadata
+
+    from pcvr.protocols.codecs import Codec, encode
+    from pcvr.protocols.messages import Binding, TrainReply
+
+    codec = Codec.parse("none")
+    record = TrainReply(
+        binding=Binding(run_id=run_id, round=round_, node_id=node), codec=codec, size=update.size,
+        grad=encode(update, codec, generator=np.random.default_rng(0)), num_examples=examples,
+    ).to_record()
+    metadata = Metadata(
+        run_id=run_id, message_id="", src_node_id=node, dst_node_id=1, reply_to_message_id="r" * 64, group_id="1",
+        created_at=time.time(), ttl=600.0, message_type="train",
+    )
+    return Message(metadata=metadata, content=record)

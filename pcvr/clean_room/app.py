@@ -14,8 +14,9 @@ code; the details go to the clean room's own log. Names from the run config
 
 Per round: apply the weight delta to the held weights → sample a batch → the
 de-biased, batch-summed adapter gradient (optionally DP-SGD: per-example clip +
-Gaussian noise, accounted in a ledger that survives restarts) → add the
-error-feedback residual and compress → record the release → reply.
+Gaussian noise, accounted in a ledger that survives restarts) — or, with local
+steps, that many Adam steps on batches of their own and the weights' change →
+add the error-feedback residual and compress → record the release → reply.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multipl
 from pcvr.clean_room.evaluate import EVAL_FILE, evaluate_split, evaluation_ledger, record_release
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
-from pcvr.clean_room.task import batch_gradient, batch_indices
+from pcvr.clean_room.task import AdamMoments, BatchGradient, batch_gradient, batch_indices, local_update
 from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, backbone_digest, load_backbone, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
@@ -141,18 +142,25 @@ def _accountant(node: _Node, config: RunConfig, run_id: int) -> PrivacyAccountan
 
 @dataclass(frozen=True)
 class _Released:
-    """What may leave the clean room for one round."""
+    """What may leave the clean room for one round: a batch-summed gradient, or the weight change of local steps."""
 
-    adapter_grad: np.ndarray
+    update: np.ndarray
     num_examples: int
     loss: float | None
     noise_multiplier: float | None
+    moments: AdamMoments | None = None  # the clean room's Adam state after local steps (stays)
 
 
-def _released_gradient(
+def _released_update(
     model: torch.nn.Module, node: _Node, config: RunConfig, ins: TrainIns, room: RoomState, *, run_id: int
 ) -> tuple[_Released, torch.Tensor]:
-    """The round's batch gradient as it may leave, and the rows it was computed on (which stay)."""
+    """The round's update as it may leave, and the rows it was computed on (which stay).
+
+    With ``ins.local_steps`` K > 1 the clean room takes K Adam steps
+    (:func:`~pcvr.clean_room.task.local_update`), each on its own full batch (round r
+    uses the batches of steps (r−1)K+1 … rK of its private order) or, under DP-SGD, its
+    own Poisson sample, every one of them accounted before anything leaves.
+    """
     data = load_training_data(
         label_set_dir(node.directory, config.label_set, TRAIN_FILE),
         num_categorical=len(schema.CATEGORICAL_FIELDS),
@@ -160,47 +168,68 @@ def _released_gradient(
     )
     floor = node.policy.batch_floor(ins.min_batch_size)
     node.policy.check_rows(len(data), floor=floor)
-    round_ = ins.binding.round
+    round_, steps = ins.binding.round, ins.local_steps
     if node.dp is None:
-        index = batch_indices(
-            len(data), round_=round_, batch_size=ins.batch_size, seed=config.seed, clean_room_id=node.clean_room_id
-        )
-        node.policy.check_rows(len(index), floor=floor)
-        grad = batch_gradient(model, data, index, correction=ins.correction, min_batch_size=floor)
-        return _Released(grad.adapter_grad, grad.num_examples, grad.loss, None), index
+        indices = [
+            batch_indices(
+                len(data), round_=(round_ - 1) * steps + k + 1, batch_size=ins.batch_size, seed=config.seed,
+                clean_room_id=node.clean_room_id,
+            )
+            for k in range(steps)
+        ]
+        for index in indices:
+            node.policy.check_rows(len(index), floor=floor)
+        gradients = [
+            lambda index=index: batch_gradient(model, data, index, correction=ins.correction, min_batch_size=floor)
+            for index in indices
+        ]
+        return _finish(model, gradients, ins, room, sigma=None), torch.cat(indices)
     # DP-SGD: Poisson sampling from fresh entropy (what the accountant assumes, unknown to the
     # platform); the floor applies to the expected batch size, which is all that is reported.
     sample_rate = min(1.0, ins.batch_size / len(data))
     expected = round(sample_rate * len(data))
     node.policy.check_rows(expected, floor=floor)
     accountant = _accountant(node, config, run_id)
-    if node.dp.target_epsilon is not None and accountant.steps >= config.num_rounds:
-        raise Refused(Refusal.DP_BUDGET_SPENT, f"{accountant.steps} steps of the {config.num_rounds} it was set for")
+    planned = config.num_rounds * steps
+    if node.dp.target_epsilon is not None and accountant.steps + steps > planned:
+        raise Refused(Refusal.DP_BUDGET_SPENT, f"{accountant.steps} steps of the {planned} it was set for")
     sigma = room.noise_multiplier
     if sigma is None:
-        sigma = noise_multiplier_for(node.dp, sample_rate=sample_rate, steps=config.num_rounds)
+        sigma = noise_multiplier_for(node.dp, sample_rate=sample_rate, steps=planned)
     node.policy.check_noise(
         sigma,
         total_epsilon_after=accountant.total_epsilon_after(
-            noise_multiplier=sigma, sample_rate=sample_rate, delta=node.dp.delta
+            noise_multiplier=sigma, sample_rate=sample_rate, delta=node.dp.delta, steps=steps
         ),
     )
     from pcvr.clean_room.dp_release import private_batch_gradient  # Opacus: seconds to import, only when used
 
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    index = poisson_batch(len(data), sample_rate=sample_rate, generator=generator)
-    grad = private_batch_gradient(
-        model,
-        data,
-        index,
-        correction=ins.correction,
-        min_batch_size=0,
-        clip_norm=node.dp.clip_norm,
-        noise_multiplier=sigma,
-        generator=generator,
-    )
-    accountant.record_step(noise_multiplier=sigma, sample_rate=sample_rate)  # before anything leaves
-    return _Released(grad.adapter_grad, expected, None, sigma), index
+    used: list[torch.Tensor] = []
+
+    def private_step() -> BatchGradient:
+        index = poisson_batch(len(data), sample_rate=sample_rate, generator=generator)
+        used.append(index)
+        grad = private_batch_gradient(
+            model, data, index, correction=ins.correction, min_batch_size=0,
+            clip_norm=node.dp.clip_norm, noise_multiplier=sigma, generator=generator,
+        )
+        return BatchGradient(grad.adapter_grad, expected, None)  # the expected size: all that is reported
+
+    released = _finish(model, [private_step] * steps, ins, room, sigma=sigma)
+    accountant.record_step(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)  # before anything leaves
+    return released, torch.cat(used)
+
+
+def _finish(
+    model: torch.nn.Module, gradients: list, ins: TrainIns, room: RoomState, *, sigma: float | None
+) -> _Released:
+    """One batch gradient as it is (one step), or the weight change of the local steps."""
+    if ins.local_steps == 1:
+        grad = gradients[0]()
+        return _Released(grad.adapter_grad, grad.num_examples, grad.loss, sigma)
+    update = local_update(model, gradients, learning_rate=ins.learning_rate, moments=room.moments)
+    return _Released(update.delta, update.num_examples, update.loss, sigma, moments=update.moments)
 
 
 def _guarded(context: Context, what: str, handle: Callable[[], RecordDict | None]) -> tuple[RecordDict | None, Refusal | None]:
@@ -279,13 +308,13 @@ def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
     # From here the round is spent: even if it fails, the same instruction is never served again.
     save_state(context.state, dataclasses.replace(room, last_round=round_, residual=residual, pending=None))
     set_adapter_vector(model, torch.from_numpy(weights))
-    released, index = _released_gradient(model, node, config, ins, room, run_id=context.run_id)
+    released, index = _released_update(model, node, config, ins, room, run_id=context.run_id)
     if config.record_payloads:
         directory = batches_dir(node.directory, label_set=config.label_set, run_id=context.run_id)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / f"r{round_:05d}.npy", index.numpy())
     quantizer = np.random.default_rng(secrets.randbits(128))  # rounding draws the platform cannot know
-    frame, next_residual = compress_with_feedback(released.adapter_grad, residual, config.codec, generator=quantizer)
+    frame, next_residual = compress_with_feedback(released.update, residual, config.codec, generator=quantizer)
     releases.record(num_examples=released.num_examples)  # before anything leaves
     save_state(
         context.state,
@@ -294,8 +323,9 @@ def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
             last_round=round_,
             weights=weights,
             residual=next_residual,
-            pending=released.adapter_grad + residual - next_residual,  # what this reply carries
+            pending=released.update + residual - next_residual,  # what this reply carries
             noise_multiplier=released.noise_multiplier,
+            moments=released.moments if released.moments is not None else room.moments,
         ),
     )
     reply = TrainReply(

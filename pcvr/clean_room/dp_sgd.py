@@ -170,14 +170,14 @@ class PrivacyAccountant:
         """Releases recorded for this run."""
         return sum(steps for _, _, steps in self._runs.get(self.run_key, []))
 
-    def record_step(self, *, noise_multiplier: float, sample_rate: float) -> None:
-        """Record one release at (σ, q) and save; consecutive equal (σ, q) share one entry."""
+    def record_step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record ``steps`` releases at (σ, q) and save; consecutive equal (σ, q) share one entry."""
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be finite and >= 0; got {noise_multiplier!r}")
         _check_sample_rate(sample_rate)
         runs = _load_runs(self.path)
         runs[self.run_key] = _append_step(
-            runs.get(self.run_key, []), noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate)
+            runs.get(self.run_key, []), noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate), steps=steps
         )
         _save_runs(self.path, runs)
         self._runs = runs
@@ -190,11 +190,11 @@ class PrivacyAccountant:
         """ε of all runs in the file composed: every run used the same clean-room data."""
         return epsilon_of([entry for key in sorted(self._runs) for entry in self._runs[key]], delta=delta)
 
-    def total_epsilon_after(self, *, noise_multiplier: float, sample_rate: float, delta: float) -> float:
-        """ε of all runs composed if one more release at (σ, q) were recorded in this run."""
+    def total_epsilon_after(self, *, noise_multiplier: float, sample_rate: float, delta: float, steps: int = 1) -> float:
+        """ε of all runs composed if ``steps`` more releases at (σ, q) were recorded in this run."""
         runs = dict(self._runs)
         runs[self.run_key] = _append_step(
-            runs.get(self.run_key, []), noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate)
+            runs.get(self.run_key, []), noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate), steps=steps
         )
         return epsilon_of([entry for key in sorted(runs) for entry in runs[key]], delta=delta)
 
@@ -227,11 +227,13 @@ def epsilon_of(history: History, *, delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def _append_step(history: History, *, noise_multiplier: float, sample_rate: float) -> History:
-    """``history`` plus one step, merged into the last entry when (σ, q) repeat (as RDPAccountant.step)."""
+def _append_step(history: History, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> History:
+    """``history`` plus ``steps`` steps, merged into the last entry when (σ, q) repeat (as RDPAccountant.step)."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if history and history[-1][:2] == (noise_multiplier, sample_rate):
-        return [*history[:-1], (noise_multiplier, sample_rate, history[-1][2] + 1)]
-    return [*history, (noise_multiplier, sample_rate, 1)]
+        return [*history[:-1], (noise_multiplier, sample_rate, history[-1][2] + steps)]
+    return [*history, (noise_multiplier, sample_rate, steps)]
 
 
 def _load_runs(path: Path) -> dict[str, History]:

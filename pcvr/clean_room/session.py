@@ -8,7 +8,8 @@
   next gradient before it is compressed, so it is sent later rather than lost; and
   what the last reply carried, until the next instruction shows whether the platform
   applied it (a delta against that round) or not (full weights: it is added back);
-* the DP-SGD noise multiplier of this run, once derived.
+* the DP-SGD noise multiplier of this run, once derived;
+* with local steps, the clean room's own Adam moments (:class:`~pcvr.clean_room.task.AdamMoments`).
 
 The state stays on the clean room's node; nothing of it crosses.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from pcvr.clean_room.task import AdamMoments
 from pcvr.protocols.messages import ProtocolError, TrainIns
 
 __all__ = ["RoomState", "load_state", "save_state", "weights_for", "carried_residual"]
@@ -32,6 +34,9 @@ _PENDING = "pending"
 _HELD = "held-round"
 _LAST = "last-round"
 _SIGMA = "noise-multiplier"
+_ADAM_M = "adam-exp-avg"
+_ADAM_V = "adam-exp-avg-sq"
+_ADAM_STEP = "adam-step"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class RoomState:
     residual: np.ndarray | None = None
     pending: np.ndarray | None = None  # the decoded gradient of the reply for held_round
     noise_multiplier: float | None = None
+    moments: AdamMoments | None = None
 
 
 def load_state(state: RecordDict, *, length: int | None) -> RoomState:
@@ -52,8 +58,10 @@ def load_state(state: RecordDict, *, length: int | None) -> RoomState:
     if _ROUNDS not in state:
         return RoomState()
     rounds, arrays = state[_ROUNDS], state[_ARRAYS]
-    weights, residual, pending = (arrays[key].numpy() if key in arrays else None for key in (_WEIGHTS, _RESIDUAL, _PENDING))
-    for value in (weights, residual, pending):
+    weights, residual, pending, adam_m, adam_v = (
+        arrays[key].numpy() if key in arrays else None for key in (_WEIGHTS, _RESIDUAL, _PENDING, _ADAM_M, _ADAM_V)
+    )
+    for value in (weights, residual, pending, adam_m, adam_v):
         if value is not None and length is not None and value.shape != (length,):
             return RoomState()  # a state from another model: start over (the platform resends in full)
     sigma = rounds.get(_SIGMA)
@@ -64,6 +72,7 @@ def load_state(state: RecordDict, *, length: int | None) -> RoomState:
         residual=residual,
         pending=pending,
         noise_multiplier=None if sigma is None else float(sigma),
+        moments=None if adam_m is None or adam_v is None else AdamMoments(adam_m, adam_v, step=int(rounds[_ADAM_STEP])),
     )
 
 
@@ -75,8 +84,12 @@ def save_state(state: RecordDict, room: RoomState) -> None:
         arrays[_RESIDUAL] = Array(np.ascontiguousarray(room.residual, dtype=np.float32))
     if room.pending is not None:
         arrays[_PENDING] = Array(np.ascontiguousarray(room.pending, dtype=np.float32))
-    state[_ARRAYS] = ArrayRecord(arrays)
     rounds: dict[str, int | float] = {_HELD: room.held_round, _LAST: room.last_round}
+    if room.moments is not None:
+        arrays[_ADAM_M] = Array(np.ascontiguousarray(room.moments.exp_avg, dtype=np.float32))
+        arrays[_ADAM_V] = Array(np.ascontiguousarray(room.moments.exp_avg_sq, dtype=np.float32))
+        rounds[_ADAM_STEP] = room.moments.step
+    state[_ARRAYS] = ArrayRecord(arrays)
     if room.noise_multiplier is not None:
         rounds[_SIGMA] = room.noise_multiplier
     state[_ROUNDS] = ConfigRecord(rounds)

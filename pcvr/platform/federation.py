@@ -221,7 +221,7 @@ def receive_replies(
                 num_adapter_params=num_adapter_params,
                 min_batch_size=config.min_batch_size,
                 max_bytes=config.max_message_bytes,
-                max_examples=config.batch_size,
+                max_examples=config.batch_size * config.local_steps,
             )
         except ProtocolError as exc:
             rejected.append({"round": round_, "node": node, "reason": str(exc)})
@@ -240,13 +240,22 @@ def apply_round(
 ) -> tuple[dict[int, TrainReply], list[dict]]:
     """Validate the round's replies and, if any is valid, take one optimizer step with their mean.
 
-    Only validated replies reach :func:`aggregate`; with none, the model is left untouched.
+    With ``config.local_steps`` > 1 each reply is a clean room's weight change after its
+    local steps, and the step adds their example-weighted mean. Only validated replies
+    reach :func:`aggregate`; with none, the model is left untouched.
     """
     length = trainer.num_adapter_params
     accepted, rejected = receive_replies(
         replies, round_=round_, expected=expected, config=config, num_adapter_params=length, sent_to=sent_to
     )
-    if accepted:
+    if accepted and config.local_steps > 1:  # each reply is a weight change: average them, example-weighted
+        nodes = sorted(accepted)
+        deltas = [accepted[node].adapter_grad() for node in nodes]
+        trainer.apply_delta(aggregate(
+            [delta * accepted[node].num_examples for node, delta in zip(nodes, deltas)],
+            num_examples=[accepted[node].num_examples for node in nodes],
+        ))
+    elif accepted:
         grads = []
         for node, reply in accepted.items():
             grad, factor = clip_room_gradient(reply.adapter_grad(), num_examples=reply.num_examples, max_norm=config.max_room_grad_norm)
@@ -332,6 +341,7 @@ def run_federated_training(
     for round_ in range(1, config.num_rounds + 1):
         started = time.monotonic()
         weights = trainer.adapter_weights()
+        local_learning_rate = trainer.local_learning_rate(local_steps=config.local_steps)
         expected = {node: Binding(run_id=run_id, round=round_, node_id=node) for node in nodes}
         messages = []
         for node in nodes:
@@ -345,6 +355,8 @@ def run_federated_training(
                 batch_size=config.batch_size,
                 min_batch_size=config.min_batch_size,
                 correction=config.correction,
+                local_steps=config.local_steps,
+                learning_rate=local_learning_rate,
             )
             messages.append(Message(ins.to_record(), dst_node_id=node, message_type="train"))
             record(round_, node, PayloadRecorder.SENT, messages[-1])

@@ -108,6 +108,27 @@ class AdapterTrainer:
         self.optimizer.step()
         self.steps += 1
 
+    def local_learning_rate(self, *, local_steps: int) -> float:
+        """The step size of the clean rooms' local steps in the next round.
+
+        The cosine schedule (:func:`cosine_learning_rate`) runs over every local step of
+        the run: ``total_steps`` rounds of ``local_steps`` each, at the round's first step.
+        """
+        return cosine_learning_rate(
+            self.steps * local_steps, peak=self.peak_learning_rate, total_steps=self.total_steps * local_steps
+        )
+
+    def apply_delta(self, mean_delta: np.ndarray) -> None:
+        """Add the clean rooms' mean weight change (wire order) to the adapters: one round of federated averaging."""
+        if mean_delta.dtype != np.float32 or mean_delta.shape != (self.num_adapter_params,):
+            raise ValueError(
+                f"aggregated delta is {mean_delta.dtype} {mean_delta.shape}; expected float32 ({self.num_adapter_params},)"
+            )
+        if not np.isfinite(mean_delta).all():
+            raise ValueError("aggregated delta holds NaN or infinite values")
+        set_adapter_vector(self.model, get_adapter_vector(self.model) + torch.from_numpy(mean_delta))
+        self.steps += 1
+
     def evaluate(self, features: EncodedFeatures, labels: np.ndarray) -> dict[str, float]:
         return holdout_metrics(labels, predict(self.model, features))
 

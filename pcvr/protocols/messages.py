@@ -41,6 +41,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from pcvr.protocols.codecs import Codec, CodecError, decode
 from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.run_config import MAX_LOCAL_STEPS
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -58,7 +59,7 @@ __all__ = [
     "record_from_bytes",
 ]
 
-PROTOCOL_VERSION = 3  # 3: refusal codes moved clear of Flower's error codes (pcvr.protocols.refusals)
+PROTOCOL_VERSION = 4  # 3: refusal codes moved clear of Flower's error codes (pcvr.protocols.refusals); 4: local steps
 PREFLIGHT_ACTION = "preflight"  # Flower message type "query.preflight"
 
 SECTION = "pcvr"
@@ -73,6 +74,8 @@ _WEIGHTS = "weights"
 _BATCH_SIZE = "batch-size"
 _MIN_BATCH_SIZE = "min-batch-size"
 _CORRECTION = "correction"
+_LOCAL_STEPS = "local-steps"
+_LEARNING_RATE = "learning-rate"
 _GRAD = "grad"
 _SIZE = "size"  # the length of the vector a frame encodes
 _EXAMPLES = "examples"
@@ -83,7 +86,9 @@ _CLEAN_ROOM = "clean-room-id"
 _REFUSAL = "refusal"
 
 _BINDING_KEYS = {_VERSION, _RUN, _ROUND, _NODE, _DIGEST}
-_TRAIN_INS_KEYS = _BINDING_KEYS | {_BASE_ROUND, _CODEC, _SIZE, _WEIGHTS, _BATCH_SIZE, _MIN_BATCH_SIZE, _CORRECTION}
+_TRAIN_INS_KEYS = _BINDING_KEYS | {
+    _BASE_ROUND, _CODEC, _SIZE, _WEIGHTS, _BATCH_SIZE, _MIN_BATCH_SIZE, _CORRECTION, _LOCAL_STEPS, _LEARNING_RATE
+}
 _TRAIN_REPLY_KEYS = _BINDING_KEYS | {_CODEC, _SIZE, _GRAD, _EXAMPLES}  # + optional _LOSS
 _LEDGER_INS_KEYS = _BINDING_KEYS
 _LEDGER_REPLY_KEYS = _BINDING_KEYS | {_LEDGER}
@@ -267,6 +272,10 @@ class TrainIns:
     ``weights`` is a codec frame. With ``base_round == 0`` it holds the full weights
     (a delta against zeros); otherwise the delta against the weights the clean room
     acknowledged for ``base_round``.
+
+    ``local_steps`` 1: reply with one batch's summed gradient. More: take that many
+    Adam steps of ``learning_rate`` locally, each on its own batch of ``batch_size``
+    rows, and reply with the change of the weights (:func:`pcvr.clean_room.task.local_update`).
     """
 
     binding: Binding
@@ -277,6 +286,8 @@ class TrainIns:
     batch_size: int
     min_batch_size: int
     correction: Correction
+    local_steps: int = 1
+    learning_rate: float = 0.0
 
     def to_record(self) -> RecordDict:
         return _seal(
@@ -289,6 +300,8 @@ class TrainIns:
                 _BATCH_SIZE: self.batch_size,
                 _MIN_BATCH_SIZE: self.min_batch_size,
                 _CORRECTION: self.correction.value,
+                _LOCAL_STEPS: self.local_steps,
+                _LEARNING_RATE: float(self.learning_rate),
             },
         )
 
@@ -316,6 +329,12 @@ class TrainIns:
         min_batch_size = _int(values, _MIN_BATCH_SIZE, minimum=1, maximum=2**31 - 1)
         if batch_size < min_batch_size:
             raise ProtocolError(f"batch size {batch_size} is below the minimum {min_batch_size}")
+        local_steps = _int(values, _LOCAL_STEPS, minimum=1, maximum=MAX_LOCAL_STEPS)
+        learning_rate = values[_LEARNING_RATE]
+        if not isinstance(learning_rate, float) or not math.isfinite(learning_rate) or learning_rate < 0:
+            raise ProtocolError(f"learning rate must be a finite float >= 0; got {learning_rate!r}")
+        if local_steps > 1 and learning_rate == 0:
+            raise ProtocolError("local steps need a learning rate > 0")
         ins = cls(
             binding=Binding(run_id=run_id, round=round_, node_id=node_id),
             base_round=base_round,
@@ -325,6 +344,8 @@ class TrainIns:
             batch_size=batch_size,
             min_batch_size=min_batch_size,
             correction=correction,
+            local_steps=local_steps,
+            learning_rate=learning_rate,
         )
         ins.weights_delta()  # validates the frame before anything is computed
         return ins
@@ -336,6 +357,9 @@ class TrainIns:
 @dataclass(frozen=True)
 class TrainReply:
     """Clean room → platform: the adapter gradient summed over one batch (a codec frame), and its size.
+
+    After local steps (``TrainIns.local_steps`` > 1) the frame holds the change of the
+    adapter weights instead, and ``num_examples`` the rows of all the steps' batches.
 
     A reply to round r also acknowledges that the clean room now holds the weights of round r.
     ``loss`` is the batch's mean corrected loss, or ``None`` when the clean room withholds

@@ -16,7 +16,9 @@ from pathlib import Path
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 
-__all__ = ["RunConfig"]
+__all__ = ["RunConfig", "MAX_LOCAL_STEPS"]
+
+MAX_LOCAL_STEPS = 1000  # local steps a round may carry (a bound on the work one instruction asks for)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class RunConfig:
         max_room_grad_norm: the platform clips each clean room's decoded gradient so its
             per-example mean has at most this L2 norm before aggregating (0: off), so one
             misbehaving clean room cannot dominate an update.
+        local_steps: what a round carries. 1: every clean room sends one batch's summed
+            gradient and the platform takes one Adam step on their mean. More: every clean
+            room takes this many Adam steps itself, each on its own ``batch_size`` batch,
+            and sends the change of its weights; the platform applies their example-weighted
+            mean (federated averaging). DP-SGD accounts every local step.
         clean_room_nodes: the registered clean rooms, ``"<clean-room id>:<node id>,..."``
             (``pcvr deploy register`` writes them to ``nodes.json``). When set, the
             platform trains with exactly these nodes: it refuses to start while another
@@ -79,10 +86,11 @@ class RunConfig:
     dp_delta: float = 1e-6
     min_participation: float = 0.9
     max_room_grad_norm: float = 0.0
+    local_steps: int = 1
     clean_room_nodes: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("num_rounds", "clean_rooms", "batch_size", "min_batch_size", "eval_every", "max_message_bytes"):
+        for name in ("num_rounds", "clean_rooms", "batch_size", "min_batch_size", "eval_every", "max_message_bytes", "local_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run config: {name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.batch_size < self.min_batch_size:
@@ -100,6 +108,10 @@ class RunConfig:
             raise ValueError(f"run config: dp-clip-norm must be > 0; got {self.dp_clip_norm}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"run config: dp-delta must be in (0, 1); got {self.dp_delta}")
+        if self.local_steps > MAX_LOCAL_STEPS:
+            raise ValueError(f"run config: local-steps must be <= {MAX_LOCAL_STEPS}; got {self.local_steps}")
+        if self.local_steps > 1 and self.max_room_grad_norm > 0:
+            raise ValueError("run config: max-room-grad-norm bounds gradients; it applies only with local-steps = 1")
         if not 0 <= self.min_participation <= 1:
             raise ValueError(f"run config: min-participation must be in [0, 1]; got {self.min_participation}")
         registered = self.registered_nodes()

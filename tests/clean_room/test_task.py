@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pcvr.clean_room.dataset import CleanRoomData
-from pcvr.clean_room.task import batch_gradient, batch_indices
+from pcvr.clean_room.task import batch_gradient, batch_indices, local_update
 from pcvr.models.cvr import adapter_parameters, get_adapter_vector, parameter_counts
 from pcvr.models.features import EncodedFeatures
 from pcvr.protocols.label_dp import Correction, corrected_loss
@@ -147,3 +147,58 @@ def test_batch_indices_leaves_global_rng_alone() -> None:
 def test_batch_indices_with_no_rows_raises() -> None:
     with pytest.raises(ValueError, match="no training rows"):
         batch_indices(0, round_=1, batch_size=4, seed=0, clean_room_id=0)
+
+
+# --- local steps ---------------------------------------------------------------------------------
+
+
+def _steps(model, data, batches, *, min_batch_size=1):
+    return [
+        lambda index=index: batch_gradient(model, data, index, correction=Correction.FORWARD, min_batch_size=min_batch_size)
+        for index in batches
+    ]
+
+
+def test_local_update_is_torch_adam_on_each_batch_mean() -> None:
+    """Reference: a plain torch loop, Adam on the mean corrected loss of each batch in turn."""
+    model, reference = adapted_model(seed=5), adapted_model(seed=5)
+    data = clean_room_data(120, seed=6)
+    batches = [torch.arange(0, 40), torch.arange(40, 80), torch.arange(80, 120)]
+    start = get_adapter_vector(model).numpy().copy()
+    update = local_update(model, _steps(model, data, batches), learning_rate=0.05, moments=None)
+
+    optimizer = torch.optim.Adam(adapter_parameters(reference), lr=0.05)
+    for index in batches:
+        optimizer.zero_grad()
+        corrected_loss(reference(data.features.take(index)), data.noisy_labels[index], data.flip_probs[index], correction=Correction.FORWARD).mean().backward()
+        optimizer.step()
+    expected = get_adapter_vector(reference).numpy() - start
+    assert np.abs(expected).max() > 1e-3  # the steps moved the weights
+    np.testing.assert_allclose(update.delta, expected, atol=1e-6)
+    np.testing.assert_allclose(get_adapter_vector(model).numpy(), start + update.delta, atol=1e-7)
+    assert update.num_examples == 120 and update.moments.step == 3
+
+
+def test_local_update_continues_its_moments_across_rounds() -> None:
+    """Two rounds of two steps with the moments carried equal one round of four steps."""
+    data = clean_room_data(160, seed=7)
+    batches = [torch.arange(k * 40, (k + 1) * 40) for k in range(4)]
+    split, whole = adapted_model(seed=8), adapted_model(seed=8)
+    first = local_update(split, _steps(split, data, batches[:2]), learning_rate=0.02, moments=None)
+    second = local_update(split, _steps(split, data, batches[2:]), learning_rate=0.02, moments=first.moments)
+    once = local_update(whole, _steps(whole, data, batches), learning_rate=0.02, moments=None)
+    np.testing.assert_allclose(first.delta + second.delta, once.delta, atol=1e-6)
+    fresh = local_update(adapted_model(seed=8), _steps(split, data, batches[2:]), learning_rate=0.02, moments=None)
+    assert np.abs(fresh.delta - second.delta).max() > 1e-4  # control: without the moments the steps differ
+
+
+def test_local_update_refuses_a_batch_below_the_floor_and_bad_rates() -> None:
+    model, data = adapted_model(seed=9), clean_room_data(40, seed=10)
+    start = get_adapter_vector(model).clone()
+    with pytest.raises(ValueError, match="below min_batch_size=16"):
+        local_update(model, _steps(model, data, [torch.arange(8)], min_batch_size=16), learning_rate=0.1, moments=None)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        local_update(model, _steps(model, data, [torch.arange(20)]), learning_rate=0.0, moments=None)
+    with pytest.raises(ValueError, match="at least one step"):
+        local_update(model, [], learning_rate=0.1, moments=None)
+    assert torch.equal(get_adapter_vector(model), start)

@@ -8,35 +8,23 @@ the bound off (the control) it dominates the update.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from flwr.app import Message
-from flwr.common import Metadata
 
 from pcvr.platform.federation import apply_round
 from pcvr.platform.training import clip_room_gradient
-from pcvr.protocols.codecs import Codec, encode
-from pcvr.protocols.messages import Binding, TrainReply
+from pcvr.protocols.codecs import Codec
+from pcvr.protocols.messages import Binding
 from pcvr.protocols.run_config import RunConfig
-from support import make_trainer
+from support import make_trainer, train_reply_message
 
 RUN, ROUND, BATCH = 3, 1, 100
 HONEST, LIAR = (101, 102), 666
 
 
 def reply(node: int, grad: np.ndarray, *, examples: int = BATCH) -> Message:
-    codec = Codec.parse("none")
-    record = TrainReply(
-        binding=Binding(run_id=RUN, round=ROUND, node_id=node), codec=codec, size=grad.size,
-        grad=encode(grad, codec, generator=np.random.default_rng(0)), num_examples=examples,
-    ).to_record()
-    metadata = Metadata(
-        run_id=RUN, message_id="", src_node_id=node, dst_node_id=1, reply_to_message_id="r" * 64, group_id="1",
-        created_at=time.time(), ttl=600.0, message_type="train",
-    )
-    return Message(metadata=metadata, content=record)
+    return train_reply_message(node, grad, run_id=RUN, round_=ROUND, examples=examples)
 
 
 def aggregate_of(grads: dict[int, np.ndarray], *, bound: float, examples: dict[int, int] | None = None):

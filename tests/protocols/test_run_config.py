@@ -46,9 +46,10 @@ def test_round_trip_every_field_changed():
         max_room_grad_norm=2.0,
         clean_room_nodes="0:11,1:12",
     )
-    assert all(
-        getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig) if f.name != "dp_target_epsilon"
-    )
+    unchanged = {"dp_target_epsilon", "local_steps"}  # each excludes a field set here (dp-noise-multiplier, max-room-grad-norm)
+    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(RunConfig) if f.name not in unchanged)
+    many_steps = dataclasses.replace(config, max_room_grad_norm=0.0, local_steps=8)
+    assert RunConfig.from_run_config(many_steps.to_run_config()) == many_steps
     flat = config.to_run_config()
     assert set(flat) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
     assert all(isinstance(v, (str, int, float)) for v in flat.values())
@@ -69,6 +70,9 @@ def test_round_trip_every_field_changed():
         ({"dp-delta": 1.0}, "dp-delta must be in"),
         ({"dp-clip-norm": 0.0}, "dp-clip-norm must be > 0"),
         ({"max-message-bytes": 0}, "max-message-bytes must be >= 1"),
+        ({"local-steps": 0}, "local-steps must be >= 1"),
+        ({"local-steps": 1001}, "local-steps must be <= 1000"),
+        ({"local-steps": 4, "max-room-grad-norm": 1.0}, "applies only with local-steps = 1"),
     ],
 )
 def test_wire_and_dp_settings_are_validated(values: dict, message: str) -> None:
