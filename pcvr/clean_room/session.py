@@ -98,11 +98,11 @@ def save_state(state: RecordDict, room: RoomState) -> None:
 def carried_residual(room: RoomState, ins: TrainIns, *, length: int) -> np.ndarray:
     """The error-feedback residual to add to this round's gradient.
 
-    If the last reply was not applied by the platform (its next instruction carries
-    full weights instead of a delta against that round), what it carried is added back.
+    If the last reply was not applied by the platform (its next instruction names an
+    older applied round), what it carried is added back.
     """
     residual = room.residual if room.residual is not None else np.zeros(length, dtype=np.float32)
-    if room.pending is not None and ins.base_round != room.held_round:
+    if room.pending is not None and ins.applied_round != room.held_round:
         residual = residual + room.pending
     return residual
 

@@ -9,6 +9,12 @@ copy never drifts further than one round's compression error from the platform's
 A clean room's copy is known only once it acknowledges a round (a valid reply). If a
 round goes unacknowledged — a rejected or missing reply, a restarted clean room —
 the mirror is forgotten and the next instruction carries the full weights, dense.
+
+With the lossless codec (``none``) every instruction carries the full weights: a dense
+delta would cost as many bytes, and the clean room would hold the float32 sum
+``base + (weights − base)``, which can differ from the weights in the last bit. So the
+clean rooms compute on exactly the platform's weights, and a resumed run (which
+starts with full weights) continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class Outgoing:
     base_round: int  # 0: full weights
     codec: Codec
     frame: bytes
+    applied_round: int  # the newest round whose reply from this clean room was applied (0: none known)
 
 
 class Downlink:
@@ -49,14 +56,15 @@ class Downlink:
         if weights.shape != (self.length,):
             raise ValueError(f"weights have shape {weights.shape}; expected ({self.length},)")
         held = self._held.get(node_id)
-        if held is None:
+        applied_round = 0 if held is None else held[0]
+        if held is None or self.codec == FULL:
             base_round, codec, base = 0, FULL, np.zeros(self.length, dtype=np.float32)
         else:
             (base_round, base), codec = held, self.codec
         generator = np.random.default_rng(np.random.SeedSequence([self.seed, round_, node_id % 2**63, 1]))
         frame = encode(weights - base, codec, generator=generator)
         self._pending[node_id] = (round_, base + decode(frame, codec, length=self.length))
-        return Outgoing(base_round=base_round, codec=codec, frame=frame)
+        return Outgoing(base_round=base_round, codec=codec, frame=frame, applied_round=applied_round)
 
     def acknowledge(self, node_id: int, *, round_: int) -> None:
         """``node_id`` replied validly to ``round_``: it now holds what was sent for it."""

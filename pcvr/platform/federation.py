@@ -349,6 +349,7 @@ def run_federated_training(
             ins = TrainIns(
                 binding=expected[node],
                 base_round=outgoing.base_round,
+                applied_round=outgoing.applied_round,
                 codec=outgoing.codec,
                 size=length,
                 weights=outgoing.frame,

@@ -69,6 +69,7 @@ _ROUND = "round"
 _NODE = "node"
 _DIGEST = "digest"
 _BASE_ROUND = "base-round"
+_APPLIED_ROUND = "applied-round"
 _CODEC = "codec"
 _WEIGHTS = "weights"
 _BATCH_SIZE = "batch-size"
@@ -87,7 +88,8 @@ _REFUSAL = "refusal"
 
 _BINDING_KEYS = {_VERSION, _RUN, _ROUND, _NODE, _DIGEST}
 _TRAIN_INS_KEYS = _BINDING_KEYS | {
-    _BASE_ROUND, _CODEC, _SIZE, _WEIGHTS, _BATCH_SIZE, _MIN_BATCH_SIZE, _CORRECTION, _LOCAL_STEPS, _LEARNING_RATE
+    _BASE_ROUND, _APPLIED_ROUND, _CODEC, _SIZE, _WEIGHTS, _BATCH_SIZE, _MIN_BATCH_SIZE, _CORRECTION, _LOCAL_STEPS,
+    _LEARNING_RATE,
 }
 _TRAIN_REPLY_KEYS = _BINDING_KEYS | {_CODEC, _SIZE, _GRAD, _EXAMPLES}  # + optional _LOSS
 _LEDGER_INS_KEYS = _BINDING_KEYS
@@ -271,7 +273,12 @@ class TrainIns:
 
     ``weights`` is a codec frame. With ``base_round == 0`` it holds the full weights
     (a delta against zeros); otherwise the delta against the weights the clean room
-    acknowledged for ``base_round``.
+    acknowledged for ``base_round``. ``applied_round`` is the newest round whose reply
+    from this clean room the platform applied (0: none it knows of; ``None`` when
+    building: the same as ``base_round``): a reply after it that was not applied is
+    what the clean room's error feedback sends again. The two differ when the
+    platform sends full weights to a clean room whose reply it did apply — always
+    with the lossless codec, whose weights then arrive exact rather than as a sum.
 
     ``local_steps`` 1: reply with one batch's summed gradient. More: take that many
     Adam steps of ``learning_rate`` locally, each on its own batch of ``batch_size``
@@ -288,12 +295,18 @@ class TrainIns:
     correction: Correction
     local_steps: int = 1
     learning_rate: float = 0.0
+    applied_round: int | None = None  # None: the same as base_round
+
+    def __post_init__(self) -> None:
+        if self.applied_round is None:
+            object.__setattr__(self, "applied_round", self.base_round)
 
     def to_record(self) -> RecordDict:
         return _seal(
             self.binding,
             {
                 _BASE_ROUND: self.base_round,
+                _APPLIED_ROUND: self.applied_round,
                 _CODEC: str(self.codec),
                 _SIZE: self.size,
                 _WEIGHTS: self.weights,
@@ -319,6 +332,9 @@ class TrainIns:
         if round_ <= last_round:
             raise ProtocolError(f"instruction for round {round_} is stale or replayed (already served round {last_round})")
         base_round = _int(values, _BASE_ROUND, minimum=0, maximum=round_ - 1)
+        applied_round = _int(values, _APPLIED_ROUND, minimum=0, maximum=round_ - 1)
+        if base_round and base_round != applied_round:
+            raise ProtocolError(f"weights are a delta against round {base_round}, whose reply was not applied ({applied_round})")
         _check_size(values, length=num_adapter_params, what="adapter weights")
         codec = _codec(values)
         try:
@@ -338,6 +354,7 @@ class TrainIns:
         ins = cls(
             binding=Binding(run_id=run_id, round=round_, node_id=node_id),
             base_round=base_round,
+            applied_round=applied_round,
             codec=codec,
             size=num_adapter_params,
             weights=_bytes(values, _WEIGHTS),

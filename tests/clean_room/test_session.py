@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import RecordDict
@@ -89,3 +91,12 @@ def test_state_keeps_pending_and_the_noise_multiplier() -> None:
     back = load_state(state, length=LENGTH)
     np.testing.assert_array_equal(back.pending, vector(5))
     assert back.noise_multiplier == 1.25
+
+
+def test_full_weights_that_name_the_held_round_as_applied_do_not_resend_its_reply() -> None:
+    """The lossless downlink sends full weights every round; the reply they acknowledge is not sent again."""
+    room = RoomState(held_round=3, last_round=3, weights=vector(0), residual=np.zeros(LENGTH, np.float32), pending=vector(1))
+    applied = dataclasses.replace(instruction(round_=4, base_round=0, delta=vector(2)), applied_round=3)
+    np.testing.assert_array_equal(carried_residual(room, applied, length=LENGTH), np.zeros(LENGTH))
+    lost = dataclasses.replace(applied, applied_round=2)  # control: the reply for round 3 was not applied
+    np.testing.assert_array_equal(carried_residual(room, lost, length=LENGTH), vector(1))

@@ -104,3 +104,21 @@ def test_the_clean_rooms_own_path_reproduces_the_mirror_bit_for_bit() -> None:
         room = RoomState(held_round=round_, last_round=round_, weights=held)
         downlink.acknowledge(5, round_=round_)
         assert held.tobytes() == downlink.held(5)[1].tobytes()
+
+
+def test_the_lossless_codec_always_sends_the_exact_weights_and_says_which_reply_was_applied() -> None:
+    downlink = Downlink(Codec.parse("none"), length=LENGTH, seed=0)
+    current = weights(0)
+    for round_ in range(1, 5):
+        current = current + np.float32(0.1) * weights(round_)
+        out = downlink.prepare(9, round_=round_, weights=current)
+        assert out.base_round == 0 and out.applied_round == round_ - 1
+        np.testing.assert_array_equal(decode(out.frame, out.codec, length=LENGTH), current)  # bit for bit
+        downlink.acknowledge(9, round_=round_)
+    downlink.forget(9)
+    assert downlink.prepare(9, round_=5, weights=current).applied_round == 0  # control: unknown again
+    lossy = Downlink(Codec.parse("q8"), length=LENGTH, seed=0)
+    lossy.prepare(9, round_=1, weights=current)
+    lossy.acknowledge(9, round_=1)
+    second = lossy.prepare(9, round_=2, weights=current)
+    assert (second.base_round, second.applied_round) == (1, 1)  # a lossy codec sends deltas against the applied round

@@ -249,6 +249,7 @@ def test_float64_frame_is_rejected() -> None:
         (dict(batch_size=0), "'batch-size' must be an integer in \\[1"),
         (dict(correction="sideways"), "correction must be one of none, forward, backward"),
         (dict(weights="abc"), "'weights' must be bytes"),
+        (dict(applied_round=1), "delta against round 2, whose reply was not applied"),
         (dict(local_steps=0), "'local-steps' must be an integer in \\[1"),
         (dict(local_steps=1001), "'local-steps' must be an integer in \\[1, 1000\\]"),
         (dict(local_steps=4, learning_rate=0.0), "local steps need a learning rate > 0"),
