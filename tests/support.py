@@ -185,3 +185,53 @@ def train_reply_message(node: int, update, *, run_id: int, round_: int, examples
         created_at=time.time(), ttl=600.0, message_type="train",
     )
     return Message(metadata=metadata, content=record)
+
+
+class InProcessGrid:
+    """A Flower grid in the test's process: each pushed message goes to its node's ClientApp at once.
+
+    ``contexts`` maps node id → that clean room's Flower context (:func:`room_context`);
+    ``crash_at`` (message type, round) raises :class:`SimulatedCrash` when the platform
+    pushes that round's messages, as if its process were killed there.
+    """
+
+    def __init__(self, contexts: dict, *, run_id: int, crash_at: tuple[str, int] | None = None) -> None:
+        from types import SimpleNamespace
+
+        from pcvr.clean_room.app import make_client_app
+
+        self.contexts, self.app, self.replies, self.crash_at = contexts, make_client_app(), {}, crash_at
+        self.run = SimpleNamespace(run_id=run_id)
+        self._sent = 0
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        import time
+
+        from flwr.app import Message
+        from flwr.common import Metadata
+
+        ids = []
+        for message in messages:
+            kind = message.metadata.message_type
+            if self.crash_at is not None and kind == self.crash_at[0] and fields_of(message.content)["round"] == self.crash_at[1]:
+                raise SimulatedCrash(f"killed while pushing {kind} of round {self.crash_at[1]}")
+            node = message.metadata.dst_node_id
+            self._sent += 1
+            message_id = f"{self._sent:064d}"
+            metadata = Metadata(
+                run_id=self.run.run_id, message_id=message_id, src_node_id=1, dst_node_id=node, reply_to_message_id="",
+                group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
+            )
+            self.replies[message_id] = self.app(Message(metadata=metadata, content=message.content), self.contexts[node])
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+class SimulatedCrash(Exception):
+    """The platform's process dies here (:class:`InProcessGrid`'s ``crash_at``)."""

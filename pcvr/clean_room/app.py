@@ -132,7 +132,8 @@ def _node_facts(node_config: Mapping[str, object], config: RunConfig) -> _Node:
 
 
 def _run_key(config: RunConfig, run_id: int) -> str:
-    return f"{config.label_set}/run-{run_id}"
+    """The run its releases and DP-SGD steps count against: a resumed run continues the one it resumes."""
+    return f"{config.label_set}/run-{config.resume_run or run_id}"
 
 
 def _accountant(node: _Node, config: RunConfig, run_id: int) -> PrivacyAccountant:

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pcvr.data.io import write_json_atomic
 from pcvr.models.cvr import backbone_digest, load_backbone, parameter_counts
-from pcvr.platform.federation import RUN_FAILED_PREFIX, Holdout, run_federated_training
+from pcvr.platform.federation import CHECKPOINT_FILE, RUN_FAILED_PREFIX, Holdout, run_federated_training
 from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.run_config import RunConfig
@@ -74,15 +74,17 @@ def make_server_app(defaults: Mapping[str, object] | None = None, *, on_round: C
             backbone, learning_rate=config.learning_rate, total_steps=config.num_rounds, seed=config.seed
         )
         torch.set_num_threads(1)
+        resume = _resume_state(config, trainer)
         run_log = run_federated_training(
-            grid, config, trainer, Holdout(features, labels), backbone=digest, on_round=on_round
+            grid, config, trainer, Holdout(features, labels), backbone=digest, on_round=on_round, resume=resume
         )
-        write_privacy_ledger(config.run_dir / "privacy_ledger.json", config, run_id=grid.run.run_id, ledgers=run_log.ledgers)
+        run_id = config.resume_run or grid.run.run_id  # a resumed run is the run it resumes
+        write_privacy_ledger(config.run_dir / "privacy_ledger.json", config, run_id=run_id, ledgers=run_log.ledgers)
         result = run_log.write(
             config.run_dir / "result.json",
             rounds=config.num_rounds,
             min_share=config.min_participation,
-            run_id=grid.run.run_id,
+            run_id=run_id,
             config=config.to_run_config(),
             parameters=parameter_counts(trainer.model),
             final=run_log.evaluations[-1] if run_log.evaluations else None,
@@ -95,6 +97,23 @@ def make_server_app(defaults: Mapping[str, object] | None = None, *, on_round: C
                 on_round(f"{RUN_FAILED_PREFIX}: {line}")
 
     return server_app
+
+
+def _resume_state(config: RunConfig, trainer: AdapterTrainer) -> dict | None:
+    """With ``resume-run``: restore ``trainer`` from the run dir's checkpoint and return where the run stood.
+
+    Raises:
+        ValueError: no checkpoint, or one of another run.
+    """
+    if not config.resume_run:
+        return None
+    path = config.run_dir / CHECKPOINT_FILE
+    state = AdapterTrainer.saved_run_state(path)
+    if state is None or state.get("run") != config.resume_run:
+        found = None if state is None else state.get("run")
+        raise ValueError(f"{path}: holds run {found}, not run {config.resume_run}; nothing to resume")
+    trainer.restore(path)
+    return state
 
 
 def _print_line(line: str) -> None:

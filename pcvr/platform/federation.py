@@ -257,12 +257,12 @@ def apply_round(
         ))
     elif accepted:
         grads = []
-        for node, reply in accepted.items():
+        for node, reply in sorted(accepted.items()):  # one summation order, whatever order replies arrived in
             grad, factor = clip_room_gradient(reply.adapter_grad(), num_examples=reply.num_examples, max_norm=config.max_room_grad_norm)
             if factor < 1.0:
                 log.warning("round %d: node %d: gradient clipped by %.3g to the per-example bound %g", round_, node, factor, config.max_room_grad_norm)
             grads.append(grad)
-        trainer.step(aggregate(grads, num_examples=[reply.num_examples for reply in accepted.values()]))
+        trainer.step(aggregate(grads, num_examples=[reply.num_examples for _, reply in sorted(accepted.items())]))
     return accepted, rejected
 
 
@@ -313,17 +313,22 @@ def run_federated_training(
     backbone: bytes,
     round_timeout: float = 600.0,
     on_round: Callable[[str], None] | None = None,
+    resume: dict | None = None,
 ) -> RunLog:
     """Pre-flight, then ``config.num_rounds`` rounds; returns the log (also checkpointed under ``config.run_dir``).
 
     ``on_round`` gets one line per round (:func:`round_line`) as the round ends.
+    ``resume`` (:meth:`RunLog.resume_state`, from the checkpoint the ``trainer`` was
+    restored from) continues an interrupted run after its last checkpointed round: its
+    log and each clean room's counts go on, and every clean room gets full weights first.
 
     A failed pre-flight check stops the run before round 1; ``MAX_EMPTY_ROUNDS``
     rounds in a row without a valid reply abandon it. Either way the log says why.
     """
     config.run_dir.mkdir(parents=True, exist_ok=True)
     run_id = grid.run.run_id
-    run_log = RunLog()
+    logical_run = run_id if resume is None else int(resume["run"])
+    run_log = RunLog() if resume is None else RunLog.resumed(resume)
     try:
         nodes = _wait_for_nodes(grid, config)
     except MembershipError as exc:
@@ -333,12 +338,17 @@ def run_federated_training(
     run_log.participation = preflight(grid, nodes, run_id=run_id, config=config, backbone=backbone, timeout=round_timeout)
     if any(room.preflight is not None for room in run_log.participation.values()):
         return run_log
+    for room in run_log.participation.values():
+        earlier = (resume or {}).get("participation", {}).get(str(room.clean_room_id))
+        if earlier is not None:
+            room.carry_over(earlier)
     length = trainer.num_adapter_params
     downlink = Downlink(config.downstream_codec, length=length, seed=config.seed)
     record = PayloadRecorder(config.run_dir / "wire" if config.record_payloads else None)
-    train_s = 0.0  # wall time of the rounds themselves, evaluation excluded
+    train_s = 0.0 if resume is None else float(resume["train_s"])  # wall time of the rounds, evaluation excluded
     empty_rounds = 0
-    for round_ in range(1, config.num_rounds + 1):
+    first_round = 1 if resume is None else int(resume["round"]) + 1
+    for round_ in range(first_round, config.num_rounds + 1):
         started = time.monotonic()
         weights = trainer.adapter_weights()
         local_learning_rate = trainer.local_learning_rate(local_steps=config.local_steps)
@@ -380,7 +390,6 @@ def run_federated_training(
         if not accepted:
             log.warning("round %d: no valid reply; no step this round", round_)
         examples = [reply.num_examples for reply in accepted.values()]
-        trainer.checkpoint(config.run_dir / CHECKPOINT_FILE)
         losses = [(r.loss, r.num_examples) for r in accepted.values() if r.loss is not None]
         train_s += time.monotonic() - started
         run_log.rounds.append(
@@ -393,6 +402,9 @@ def run_federated_training(
                 "bytes_up": bytes_up,
                 "wall_s": time.monotonic() - started,
             }
+        )
+        trainer.checkpoint(
+            config.run_dir / CHECKPOINT_FILE, run_state=run_log.resume_state(run=logical_run, round_=round_, train_s=train_s)
         )
         last = round_ == config.num_rounds
         if empty_rounds >= MAX_EMPTY_ROUNDS:

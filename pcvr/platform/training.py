@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,15 +133,34 @@ class AdapterTrainer:
     def evaluate(self, features: EncodedFeatures, labels: np.ndarray) -> dict[str, float]:
         return holdout_metrics(labels, predict(self.model, features))
 
-    def checkpoint(self, path: Path) -> None:
-        """Adapter weights and optimizer state, written atomically."""
+    def checkpoint(self, path: Path, *, run_state: dict | None = None) -> None:
+        """Adapter weights and optimizer state, and ``run_state`` (JSON-able: where the run is), written atomically."""
         path = Path(path)
         staging = path.with_suffix(".tmp")
         torch.save(
-            {"steps": self.steps, "adapters": get_adapter_vector(self.model), "optimizer": self.optimizer.state_dict()},
+            {
+                "steps": self.steps,
+                "adapters": get_adapter_vector(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "run": json.dumps(run_state),
+            },
             staging,
         )
         staging.replace(path)
+
+    @staticmethod
+    def saved_run_state(path: Path) -> dict | None:
+        """The ``run_state`` a :meth:`checkpoint` holds.
+
+        Raises:
+            ValueError: ``path`` is missing or not a checkpoint written by pcvr (one line, naming it).
+        """
+        try:
+            return json.loads(torch.load(path, weights_only=True)["run"])
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no checkpoint to resume from") from None
+        except Exception as exc:  # torch raises many types on a corrupt or foreign file
+            raise ValueError(f"{path}: not a pcvr checkpoint ({type(exc).__name__})") from None
 
     @staticmethod
     def saved_adapters(path: Path) -> torch.Tensor:
@@ -195,6 +215,13 @@ class Participation:
             "rejected": dict(self.rejected),
         }
 
+    def carry_over(self, earlier: dict) -> None:
+        """Add what this clean room did in the interrupted run (:meth:`to_dict` of it) to this run's counts."""
+        self.served += int(earlier["served"])
+        self.missed += int(earlier["missed"])
+        for reason, count in earlier["rejected"].items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + int(count)
+
 
 @dataclass(frozen=True)
 class PrivateEvaluation:
@@ -245,6 +272,26 @@ class RunLog:
     steps: int = 0  # optimizer steps applied
     abandoned: str | None = None  # why the run stopped before its last round
     private: PrivateEvaluation | None = None  # the clean rooms' evaluation after the last round
+
+    def resume_state(self, *, run: int, round_: int, train_s: float) -> dict:
+        """What :meth:`resumed` needs to continue after ``round_`` of logical run ``run``: saved with each checkpoint.
+
+        Participation is kept by clean-room id: a resumed run's nodes may have other ids.
+        """
+        return {
+            "run": run,
+            "round": round_,
+            "train_s": train_s,
+            "rounds": self.rounds,
+            "evaluations": self.evaluations,
+            "rejected": self.rejected,
+            "participation": {str(p.clean_room_id): p.to_dict() for p in self.participation.values()},
+        }
+
+    @classmethod
+    def resumed(cls, state: dict) -> "RunLog":
+        """The log of an interrupted run, to go on with (participation is carried over after the pre-flight check)."""
+        return cls(rounds=list(state["rounds"]), evaluations=list(state["evaluations"]), rejected=list(state["rejected"]))
 
     @property
     def bytes_up(self) -> int:

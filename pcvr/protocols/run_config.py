@@ -58,6 +58,10 @@ class RunConfig:
             room takes this many Adam steps itself, each on its own ``batch_size`` batch,
             and sends the change of its weights; the platform applies their example-weighted
             mean (federated averaging). DP-SGD accounts every local step.
+        resume_run: the run id of an interrupted run to continue from the checkpoint in
+            ``run_dir`` (0: a new run). The platform resumes after the last checkpointed
+            round; the clean rooms keep counting that run's releases and DP-SGD steps under
+            this id, so a resumed run is one run to their accountants.
         clean_room_nodes: the registered clean rooms, ``"<clean-room id>:<node id>,..."``
             (``pcvr deploy register`` writes them to ``nodes.json``). When set, the
             platform trains with exactly these nodes: it refuses to start while another
@@ -87,6 +91,7 @@ class RunConfig:
     min_participation: float = 0.9
     max_room_grad_norm: float = 0.0
     local_steps: int = 1
+    resume_run: int = 0
     clean_room_nodes: str = ""
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class RunConfig:
             raise ValueError(f"run config: dp-clip-norm must be > 0; got {self.dp_clip_norm}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"run config: dp-delta must be in (0, 1); got {self.dp_delta}")
+        if self.resume_run < 0:
+            raise ValueError(f"run config: resume-run must be a run id >= 0 (0: a new run); got {self.resume_run}")
         if self.local_steps > MAX_LOCAL_STEPS:
             raise ValueError(f"run config: local-steps must be <= {MAX_LOCAL_STEPS}; got {self.local_steps}")
         if self.local_steps > 1 and self.max_room_grad_norm > 0:

@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import Message
-from flwr.common import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
-from pcvr.clean_room.app import make_client_app
 from pcvr.clean_room.policy import RoomPolicy
 from pcvr.models.cvr import attach_adapters, get_adapter_vector
 from pcvr.platform.federation import collect_private_evaluation
 from pcvr.platform.training import Participation, format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.run_config import RunConfig
-from support import RUN_ID, make_backbone, room_context, write_clean_room
+from support import RUN_ID, InProcessGrid, make_backbone, room_context, write_clean_room
 
 NODES = (2**40 + 7, 2**40 + 8)
-
-
-class InProcessGrid:
-    """Delivers each pushed message to its node's ClientApp at once; pulls return the replies."""
-
-    def __init__(self, contexts: dict) -> None:
-        self.contexts, self.app, self.replies = contexts, make_client_app(), {}
-
-    def push_messages(self, messages):
-        ids = []
-        for index, message in enumerate(messages):
-            node = message.metadata.dst_node_id
-            message_id = f"{index:064d}"
-            metadata = Metadata(
-                run_id=RUN_ID, message_id=message_id, src_node_id=1, dst_node_id=node, reply_to_message_id="",
-                group_id="1", created_at=time.time(), ttl=600.0, message_type=message.metadata.message_type,
-            )
-            self.replies[message_id] = self.app(Message(metadata=metadata, content=message.content), self.contexts[node])
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
 @pytest.fixture
@@ -65,7 +37,7 @@ def run(contexts: dict):
     participation = {node: Participation(node=node, clean_room_id=k) for k, node in enumerate(NODES)}
     weights = get_adapter_vector(attach_adapters(make_backbone(), seed=0)).numpy()
     return collect_private_evaluation(
-        InProcessGrid(contexts), participation, run_id=RUN_ID, round_=9, config=config, weights=weights, timeout=30.0
+        InProcessGrid(contexts, run_id=RUN_ID), participation, run_id=RUN_ID, round_=9, config=config, weights=weights, timeout=30.0
     )
 
 
