@@ -44,6 +44,7 @@ def test_round_trip_every_field_changed():
         dp_delta=1e-5,
         min_participation=0.5,
         max_room_grad_norm=2.0,
+        resume_run=7,
         clean_room_nodes="0:11,1:12",
     )
     unchanged = {"dp_target_epsilon", "local_steps"}  # each excludes a field set here (dp-noise-multiplier, max-room-grad-norm)
@@ -71,6 +72,7 @@ def test_round_trip_every_field_changed():
         ({"dp-clip-norm": 0.0}, "dp-clip-norm must be > 0"),
         ({"max-message-bytes": 0}, "max-message-bytes must be >= 1"),
         ({"local-steps": 0}, "local-steps must be >= 1"),
+        ({"resume-run": -1}, "resume-run must be a run id >= 0"),
         ({"local-steps": 1001}, "local-steps must be <= 1000"),
         ({"local-steps": 4, "max-room-grad-norm": 1.0}, "applies only with local-steps = 1"),
     ],
