@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from pcvr.clean_room.app import clean_room_dir
 from pcvr.clean_room.dataset import CleanRoomData, load_training_data
 from pcvr.clean_room.task import batch_indices
 from pcvr.data import schema
@@ -22,7 +21,7 @@ def load_rooms(spec: SimulationSpec, *, label_set: str) -> list[CleanRoomData]:
     """Every clean room's joined training rows for ``label_set``."""
     return [
         load_training_data(
-            clean_room_dir(spec.work_dir, k) / label_set / "train.parquet",
+            spec.layout.clean_room(k).label_set(label_set).train,
             num_categorical=len(schema.CATEGORICAL_FIELDS),
             num_dense=len(schema.DENSE_FIELDS),
         )

@@ -131,15 +131,16 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from pcvr.simulate import SUMMARY_FILE, format_table, simulate
+    from pcvr.simulate import format_table, simulate
 
-    summary = simulate(_spec(args))
+    spec = _spec(args)
+    summary = simulate(spec)
     if args.json:
         keys = ("results", "failures", "rounds", "wall_s", "bytes_up", "bytes_down", "codec", "downstream_codec", "parameters")
         print(json.dumps({k: summary[k] for k in keys}))
     else:
         print(format_table(summary))
-        print(f"\nfull summary: {args.work_dir / SUMMARY_FILE}")
+        print(f"\nfull summary: {spec.layout.summary}")
     if summary["failures"]:
         print(f"pcvr: error: {summary['failures'][0]}", file=sys.stderr)
         return 1
@@ -275,7 +276,7 @@ def _cmd_deploy_run(args: argparse.Namespace) -> None:
     config = RunConfig.from_run_config(
         {
             **_deploy_run_config(args),
-            "data-dir": str(args.work_dir),
+            "platform-dir": str(args.platform_dir),
             "run-dir": str(layout.training_dir if args.results_dir is None else args.results_dir),
             "clean-rooms": args.clean_rooms,
             "clean-room-nodes": RunConfig.format_nodes(read_nodes(layout)),  # those `deploy register` registered
@@ -380,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     register.set_defaults(func=_cmd_deploy_register)
 
     run = remote("run", "train on a running SuperLink whose clean rooms are online")
-    run.add_argument("--work-dir", type=Path, required=True, help="the platform's data directory as the ServerApp sees it")
+    run.add_argument("--platform-dir", type=Path, required=True, help="the platform's directory as the ServerApp sees it")
     run.add_argument("--results-dir", type=Path, default=None, help="where the ServerApp writes results, as it sees it (default: RUN/training)")
     _add_deploy_training_arguments(run)
     run.set_defaults(func=_cmd_deploy_run)
@@ -401,7 +402,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # run-config keys whose flag has another name; every other key is its own flag
-_FLAG_OF_KEY = {"num-rounds": "--rounds", "clean-rooms": "--advertisers", "data-dir": "--work-dir"}
+_FLAG_OF_KEY = {"num-rounds": "--rounds", "clean-rooms": "--advertisers"}
 _RUN_CONFIG_KEY = re.compile(
     r"(?<![\w-])("
     + "|".join(sorted((re.escape(f.name.replace("_", "-")) for f in dataclasses.fields(RunConfig)), key=len, reverse=True))

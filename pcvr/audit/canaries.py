@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pcvr.data import schema
 from pcvr.data.io import write_parquet_atomic
 from pcvr.protocols.keys import prf_uniforms
+from pcvr.protocols.layout import LEDGER_FILE, TRAIN_FILE
 from pcvr.protocols.label_dp import flip_prob, randomized_response
 
 __all__ = ["CanarySet", "plant_canaries"]
@@ -55,7 +56,7 @@ def plant_canaries(
     rr_secret: bytes,
     generator: np.random.Generator,
 ) -> CanarySet:
-    """Write ``out_dir/train.parquet``: ``rows`` rows of ``source`` of which ``canaries`` are canaries.
+    """Write ``out_dir/train.arrow``: ``rows`` rows of ``source`` of which ``canaries`` are canaries.
 
     The rows are a random sample of the clean room's joined table (kept in their
     order); the canaries among them get a fair-coin label, randomized with ε =
@@ -82,8 +83,8 @@ def plant_canaries(
     for name, values in columns.items():
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, type=table.schema.field(name).type))
     out_dir = Path(out_dir)
-    write_parquet_atomic(table, out_dir / "train.parquet")
-    ledger_path = Path(source).parent / "ledger.json"
+    write_parquet_atomic(table, out_dir / TRAIN_FILE)
+    ledger_path = Path(source).parent / LEDGER_FILE
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     ledger["audit"] = {
         "rows": rows,
@@ -91,5 +92,5 @@ def plant_canaries(
         "canary_epsilon": None if math.isinf(epsilon) else epsilon,
         "note": "canary labels are coin flips; their records were randomized like any other",
     }
-    (out_dir / "ledger.json").write_text(json.dumps(ledger, indent=2) + "\n")
+    (out_dir / LEDGER_FILE).write_text(json.dumps(ledger, indent=2) + "\n")
     return CanarySet(rows=canary_rows.astype(np.int64), labels=labels, noisy_labels=noisy.astype(np.int8))

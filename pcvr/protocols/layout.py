@@ -42,6 +42,9 @@ __all__ = [
     "EVAL_FILE",
     "LABELS_FILE",
     "FEATURES_FILE",
+    "ACCOUNTANT_FILE",
+    "RESULT_FILE",
+    "PRIVACY_LEDGER_FILE",
     "PlatformDir",
     "ExportDir",
     "HandoffDir",
@@ -152,25 +155,44 @@ class HandoffDir:
 
 @dataclass(frozen=True)
 class LabelSetDir:
-    """One joined label set inside a clean room."""
+    """One joined label set inside a clean room: every path is resolved inside the clean room's directory.
 
-    root: Path
+    Raises (on construction, and from each path):
+        Refused: the name is not a plain name, or leads (through a symbolic link, of
+            the folder or of the file) outside the clean room's directory.
+    """
+
+    room: Path
+    name: str
+
+    def __post_init__(self) -> None:
+        self._inside()  # a name that is not plain, or leads outside, is refused at once
+
+    def _inside(self, *parts: str) -> Path:
+        try:
+            return resolve_inside(self.room, self.name, *parts, what="label set")
+        except ValueError as exc:
+            raise Refused(Refusal.BAD_NAME, str(exc)) from None
+
+    @property
+    def root(self) -> Path:
+        return self._inside()
 
     @property
     def train(self) -> Path:
-        return Path(self.root) / TRAIN_FILE
+        return self._inside(TRAIN_FILE)
 
     @property
     def eval(self) -> Path:
-        return Path(self.root) / EVAL_FILE
+        return self._inside(EVAL_FILE)
 
     @property
     def ledger(self) -> Path:
-        return Path(self.root) / LEDGER_FILE
+        return self._inside(LEDGER_FILE)
 
     def batches(self, run_id: int) -> Path:
         """Where a clean room that records payloads keeps the rows of each batch (never sent)."""
-        return Path(self.root) / "batches" / f"run-{int(run_id)}"
+        return self._inside("batches", f"run-{int(run_id)}")
 
 
 @dataclass(frozen=True)
@@ -213,10 +235,7 @@ class CleanRoomDir:
             Refused: ``name`` is not a plain name, or leads (through a symbolic link)
                 outside the clean room's directory.
         """
-        try:
-            return LabelSetDir(resolve_inside(self.root, name, what="label set"))
-        except ValueError as exc:
-            raise Refused(Refusal.BAD_NAME, str(exc)) from None
+        return LabelSetDir(Path(self.root), name)
 
     def label_sets(self) -> list[str]:
         """The label sets joined here (a folder with a training file), sorted."""
@@ -276,8 +295,12 @@ class SimulationDir:
     def export(self, advertiser: int) -> ExportDir:
         return ExportDir(Path(self.root) / "exports" / f"advertiser_{int(advertiser)}")
 
+    def handoffs(self, advertiser: int) -> Path:
+        """Advertiser ``advertiser``'s hand-offs, one :class:`HandoffDir` per label set."""
+        return Path(self.root) / "handoffs" / f"advertiser_{int(advertiser)}"
+
     def handoff(self, advertiser: int, label_set: str) -> HandoffDir:
-        return HandoffDir(Path(self.root) / "handoffs" / f"advertiser_{int(advertiser)}" / check_name(label_set, what="label set"))
+        return HandoffDir(self.handoffs(advertiser) / check_name(label_set, what="label set"))
 
     def clean_room(self, clean_room_id: int) -> CleanRoomDir:
         return CleanRoomDir(Path(self.root) / f"clean_room_{int(clean_room_id)}")
