@@ -30,7 +30,7 @@ from pcvr.protocols.layout import RESULT_FILE, CleanRoomDir, ExportDir, HandoffD
 from pcvr.protocols.names import check_name
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["pretrain", "export", "hand_off", "join", "train", "read_manifest", "new_key"]
+__all__ = ["new_key", "read_key", "read_manifest", "PretrainSettings", "pretrain", "export", "hand_off", "open_clean_room", "join", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +219,37 @@ def _labelled_rows(ledger) -> int:
 # --- the clean room -------------------------------------------------------------------------
 
 
-def join(export_dir: ExportDir, handoff_dir: HandoffDir, room: CleanRoomDir, *, replace_stale: bool = False, room_policy=None) -> dict:
-    """Join an export with a hand-off into the clean room's label set (named by the hand-off).
+def open_clean_room(room: CleanRoomDir, *, room_policy=None) -> bytes:
+    """Make ``room`` a clean-room directory if it is not one yet; returns its own held-out key.
 
-    Writes the clean room's policy (the defaults, or ``room_policy``) when it has none, its
-    own held-out key when it has none, and the export's backbone. A clean room whose other
-    label sets were joined with another backbone is refused — or, with ``replace_stale``
-    (the simulation rebuilding a changed input), those label sets are removed.
+    Writes the clean room's policy (``room_policy``, or the defaults) when it has none and
+    its held-out key when it has none. A key missing beside label sets split with it is
+    refused (a new key would move rows between training and evaluation).
     """
-    from pcvr.clean_room.dataset import join_inputs
     from pcvr.clean_room.policy import RoomPolicy
     from pcvr.data.prepared import require_secret
     from pcvr.protocols.keys import load_or_create_secret
 
     claim(room.root, CleanRoomDir)
+    Path(room.root).mkdir(parents=True, exist_ok=True)
+    if not room.manifest.exists():
+        write_json_atomic(room.manifest, {"made_by": "pcvr clean-room join", "label_sets": {}})
+    if not room.policy.exists():
+        write_bytes_atomic(room.policy, (room_policy or RoomPolicy()).to_toml().encode())
+    require_secret(room.holdout_key, made_with_it=[Path(room.root) / name for name in room.label_sets()])
+    return load_or_create_secret(room.holdout_key)
+
+
+def join(export_dir: ExportDir, handoff_dir: HandoffDir, room: CleanRoomDir, *, replace_stale: bool = False) -> dict:
+    """Join an export with a hand-off into the clean room's label set (named by the hand-off).
+
+    The clean room gets the export's backbone (:func:`open_clean_room` makes the rest). A
+    clean room whose other label sets were joined with another backbone is refused — or,
+    with ``replace_stale`` (the simulation rebuilding a changed input), those label sets
+    are removed.
+    """
+    from pcvr.clean_room.dataset import join_inputs
+
     exported = read_manifest(export_dir.root, ExportDir, flag="--export")
     handed = read_manifest(handoff_dir.root, HandoffDir, flag="--handoff")
     if exported.get("join_key_digest") != handed.get("join_key_digest"):
@@ -241,8 +258,10 @@ def join(export_dir: ExportDir, handoff_dir: HandoffDir, room: CleanRoomDir, *, 
             "no label would match a click"
         )
     name = check_name(handed["label_set"], what="label set")
-    manifest = read_manifest(room.root, CleanRoomDir, flag="--out") if room.manifest.exists() else {"label_sets": {}}
-    stale = sorted(n for n, entry in manifest["label_sets"].items() if entry["backbone_digest"] != exported["backbone_digest"] and n != name)
+    holdout_key = open_clean_room(room)
+    manifest = read_manifest(room.root, CleanRoomDir, flag="--out")
+    joined = manifest.setdefault("label_sets", {})
+    stale = sorted(n for n, entry in joined.items() if entry["backbone_digest"] != exported["backbone_digest"] and n != name)
     if stale and not replace_stale:
         raise ValueError(
             f"--out {room.root}: label set(s) {', '.join(stale)} were joined with another backbone than --export "
@@ -250,21 +269,16 @@ def join(export_dir: ExportDir, handoff_dir: HandoffDir, room: CleanRoomDir, *, 
         )
     for old in stale:
         shutil.rmtree(Path(room.root) / old, ignore_errors=True)
-        del manifest["label_sets"][old]
-    Path(room.root).mkdir(parents=True, exist_ok=True)
-    if not room.policy.exists():
-        write_bytes_atomic(room.policy, (room_policy or RoomPolicy()).to_toml().encode())
-    label_set = room.label_set(name)
-    require_secret(room.holdout_key, made_with_it=[Path(room.root) / n for n in manifest["label_sets"]])
-    holdout_key = load_or_create_secret(room.holdout_key)
+        del joined[old]
     if not room.backbone.exists() or _backbone_digest(room.backbone) != exported["backbone_digest"]:
         _copy_tree(export_dir.backbone, room.backbone)
-    Path(label_set.root).mkdir(parents=True, exist_ok=True)
+    Path(room.root, name).mkdir(exist_ok=True)
+    label_set = room.label_set(name)
     summary = join_inputs(
         export_dir.features, handoff_dir.labels, train_path=label_set.train, eval_path=label_set.eval, holdout_key=holdout_key
     )
     write_bytes_atomic(label_set.ledger, handoff_dir.ledger.read_bytes())
-    manifest["label_sets"][name] = {
+    joined[name] = {
         "rows": summary.rows,
         "eval_rows": summary.eval_rows,
         "features_without_label": summary.features_without_label,
@@ -272,8 +286,8 @@ def join(export_dir: ExportDir, handoff_dir: HandoffDir, room: CleanRoomDir, *, 
         "backbone_digest": exported["backbone_digest"],
         "handoff_rows": handed["rows"],
     }
-    write_json_atomic(room.manifest, {"made_by": "pcvr clean-room join", **manifest})
-    return manifest["label_sets"][name]
+    write_json_atomic(room.manifest, manifest)
+    return joined[name]
 
 
 # --- training -------------------------------------------------------------------------------
