@@ -36,16 +36,17 @@ from pcvr.clean_room.app import make_client_app
 from pcvr.clean_room.dataset import join_inputs
 from pcvr.clean_room.holdout import HOLDOUT_FRACTION
 from pcvr.clean_room.policy import RoomPolicy
-from pcvr.data import schema
+from pcvr.data.encoding import FeatureEncoding
 from pcvr.data.io import write_bytes_atomic, write_json_atomic
 from pcvr.data.prepared import prepare_artifact, require_secret
-from pcvr.data.synth import WorldConfig, synthesize
-from pcvr.models.cvr import ModelConfig, attach_adapters, load_backbone, parameter_counts, save_backbone
+from pcvr.data.spec import DatasetSpec
+from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec, synthesize
+from pcvr.models.cvr import ModelShape, attach_adapters, load_backbone, parameter_counts
 from pcvr.oracle import HeldOutRows, held_out_truth
 from pcvr.platform.app import make_server_app
 from pcvr.platform.evaluate import holdout_metrics, predict
-from pcvr.platform.features import export_for_clean_room, read_labelled
-from pcvr.platform.pretrain import pretrain_backbone
+from pcvr.platform.features import export_features, read_labelled
+from pcvr.platform.pretrain import pretrain_from_spec
 from pcvr.platform.federation import CHECKPOINT_FILE
 from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.codecs import Codec
@@ -67,7 +68,7 @@ class SimulationSpec:
 
     work_dir: Path = Path("runs/demo")
     world: WorldConfig = field(default_factory=WorldConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelShape = field(default_factory=ModelShape)
     policy: ConsentPolicy = field(default_factory=ConsentPolicy.default)
     epsilon: float = 3.0
     correction: Correction = Correction.FORWARD
@@ -183,32 +184,41 @@ def prepare(spec: SimulationSpec) -> dict:
     platform = work.platform
     pretrain_path = world_dir / "platform" / "pretrain.parquet"
 
+    platform_spec = DatasetSpec.load(advertiser_spec_path(world_dir, 0))  # every advertiser's spec has this [pretrain]
+
     def pretrain() -> None:
-        features, labels, _ = read_labelled(pretrain_path, buckets=spec.model.buckets)
-        backbone = pretrain_backbone(
-            features, labels, config=spec.model, epochs=spec.pretrain_epochs, generator=torch.Generator().manual_seed(spec.seed)
-        )
-        save_backbone(backbone, platform.backbone)
+        generator = torch.Generator().manual_seed(spec.seed)
+        pretrain_from_spec(platform_spec, platform.backbone, shape=spec.model, epochs=spec.pretrain_epochs, generator=generator)
 
     prepare_artifact(
         platform.backbone,
-        {"pretrain": pretrain_path, "model": dataclasses.asdict(spec.model), "epochs": spec.pretrain_epochs, "seed": spec.seed},
+        {
+            "pretrain": pretrain_path,
+            "features": platform_spec.require("features").digest(),
+            "model": dataclasses.asdict(spec.model),
+            "epochs": spec.pretrain_epochs,
+            "seed": spec.seed,
+        },
         pretrain,
     )
     holdout = world_dir / "holdout.parquet"  # what only a simulation knows: the platform evaluates on it
-    prepare_artifact(platform.oracle_holdout, {"holdout": holdout}, lambda: _copy(holdout, platform.oracle_holdout))
+
+    def copy_holdout() -> None:
+        _copy(holdout, platform.oracle_holdout)
+        holdout_spec(platform.oracle_holdout, source=platform.oracle_spec, config=spec.world).write()
+
+    prepare_artifact(platform.oracle_holdout, {"holdout": holdout}, copy_holdout)
     ledgers: dict[str, list[dict]] = {}
     for k, (join_secret, rr_secret) in enumerate(secrets):
         room, export = work.clean_room(k), work.export(k)
         # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
         write_bytes_atomic(room.policy, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
         platform_features = world_dir / "platform" / "features" / f"advertiser_{k}.parquet"
+        advertiser_spec = DatasetSpec.load(advertiser_spec_path(world_dir, k))
         prepare_artifact(
             export.features,
-            {"features": platform_features, "join_secret": join_secret, "buckets": list(spec.model.buckets)},
-            lambda: export_for_clean_room(
-                platform_features, export.features, join_secret=join_secret, buckets=spec.model.buckets
-            ),
+            {"features": platform_features, "join_secret": join_secret, "backbone": platform.backbone},
+            lambda: export_features(advertiser_spec, backbone_dir=platform.backbone, join_secret=join_secret, out_path=export.features),
         )
         prepare_artifact(room.backbone, {"backbone": platform.backbone}, lambda: _copy(platform.backbone, room.backbone))
         conversions = world_dir / f"advertiser_{k}" / "conversions.parquet"
@@ -229,7 +239,7 @@ def prepare(spec: SimulationSpec) -> dict:
             prepare_artifact(
                 label_set.root,
                 inputs,
-                lambda: _hand_off_and_join(conversions, export.features, handoff.root, label_set, policy, join_secret, rr_secret, holdout_key),
+                lambda: _hand_off_and_join(advertiser_spec, export.features, handoff.root, label_set, policy, join_secret, rr_secret, holdout_key),
             )
             ledgers.setdefault(name, []).append(json.loads(label_set.ledger.read_text()))
     return {"world": world, "ledgers": ledgers}
@@ -245,7 +255,7 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def _hand_off_and_join(
-    conversions: Path,
+    advertiser_spec: DatasetSpec,
     features: Path,
     handoff_dir: Path,
     label_set,
@@ -254,15 +264,12 @@ def _hand_off_and_join(
     rr_secret: bytes,
     holdout_key: bytes,
 ) -> None:
-    hand_off(conversions, handoff_dir, policy=policy, join_secret=join_secret, rr_secret=rr_secret)
+    hand_off(advertiser_spec, policy=policy, join_secret=join_secret, rr_secret=rr_secret, out_dir=handoff_dir)
     handoff = HandoffDir(handoff_dir)
-    (Path(handoff_dir) / "labels.parquet").replace(handoff.labels)
     join_inputs(
         features,
         handoff.labels,
-        label_set.train,
-        num_categorical=len(schema.CATEGORICAL_FIELDS),
-        num_dense=len(schema.DENSE_FIELDS),
+        train_path=label_set.train,
         eval_path=label_set.eval,
         holdout_key=holdout_key,
     )
@@ -276,7 +283,7 @@ def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, run_dir:
     rooms = [
         HeldOutRows(
             eval_path=work.clean_room(k).label_set(label_set).eval,
-            conversions_path=work.world / f"advertiser_{k}" / "conversions.parquet",
+            conversions_spec=advertiser_spec_path(work.world, k),
             join_secret=_load_secrets(work, k)[0],
         )
         for k in range(spec.world.advertisers)
@@ -329,7 +336,9 @@ def simulate(spec: SimulationSpec) -> dict:
     spec.layout.summary.unlink(missing_ok=True)
     prepared = prepare(spec)
     backbone = load_backbone(spec.layout.platform.backbone)
-    features, labels, true_prob = read_labelled(spec.layout.platform.oracle_holdout, buckets=backbone.config.buckets)
+    platform = spec.layout.platform
+    oracle = DatasetSpec.load(platform.oracle_spec)
+    features, labels, true_prob = read_labelled(oracle, FeatureEncoding.load(platform.backbone), truth_column=TRUE_PROB)
     results: dict[str, dict] = {"backbone": holdout_metrics(labels, predict(backbone, features))}
     if true_prob is not None:
         results["oracle"] = holdout_metrics(labels, true_prob)

@@ -24,7 +24,7 @@ from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols import messages
 from pcvr.protocols.messages import SECTION
 
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
+TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), num_dense=18, embedding_dim=4, mlp_dims=(16, 8))
 
 
 def make_backbone(config: ModelConfig = TINY, *, seed: int = 0) -> CVRNet:
@@ -88,7 +88,8 @@ def write_clean_room(
     from pathlib import Path
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from pcvr.data.io import write_ipc
 
     from pcvr.data import schema
     from pcvr.models.cvr import save_backbone
@@ -109,9 +110,11 @@ def write_clean_room(
     save_backbone(make_backbone(), room.backbone)
     Path(directory, label_set).mkdir(parents=True, exist_ok=True)
     joined = room.label_set(label_set)
-    pq.write_table(joined_rows(rows, seed=seed, first_key=0), joined.train)
+    train = joined_rows(rows, seed=seed, first_key=0)
+    write_ipc(joined.train, train.schema, train.to_batches())
     if eval_rows:
-        pq.write_table(joined_rows(eval_rows, seed=seed + 1, first_key=rows), joined.eval)
+        held_out = joined_rows(eval_rows, seed=seed + 1, first_key=rows)
+        write_ipc(joined.eval, held_out.schema, held_out.to_batches())
     ledger = {"source": "/advertiser/conversions.parquet", "records": rows, "levels": {}}
     joined.ledger.write_text(json.dumps(ledger))
     if policy is not None:

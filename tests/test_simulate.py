@@ -13,7 +13,7 @@ import pytest
 
 from pcvr.cli import main
 from pcvr.data.synth import WorldConfig
-from pcvr.models.cvr import ModelConfig
+from pcvr.models.cvr import ModelShape
 from pcvr.simulate import SimulationSpec, simulate
 
 
@@ -22,7 +22,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulationSpec,
     spec = SimulationSpec(
         work_dir=tmp_path_factory.mktemp("sim") / "work",
         world=WorldConfig(rows=90_000, users=5_000, pretrain_rows=90_000, holdout_rows=40_000, seed=3),
-        model=ModelConfig(buckets=(5_000, 2_000, 100, 16, 64, 8, 16, 8), mlp_dims=(64, 32)),
+        model=ModelShape(mlp_dims=(64, 32)),
         epsilon=3.0,
         num_rounds=40,
         batch_size=4096,

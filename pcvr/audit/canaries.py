@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pcvr.data import schema
-from pcvr.data.io import write_parquet_atomic
+from pcvr.data.io import read_ipc, write_atomic, write_ipc
 from pcvr.protocols.keys import prf_uniforms
 from pcvr.protocols.layout import LEDGER_FILE, TRAIN_FILE
 from pcvr.protocols.label_dp import flip_prob, randomized_response
@@ -65,7 +64,7 @@ def plant_canaries(
     Raises:
         ValueError: ``source`` has fewer than ``rows`` rows, or ``canaries`` > ``rows``.
     """
-    table = pq.read_table(source)
+    table = read_ipc(source)
     if not 1 <= canaries <= rows <= table.num_rows:
         raise ValueError(f"{source}: cannot plant {canaries} canaries in {rows} of its {table.num_rows} rows")
     chosen = np.sort(generator.choice(table.num_rows, size=rows, replace=False))
@@ -83,7 +82,7 @@ def plant_canaries(
     for name, values in columns.items():
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, type=table.schema.field(name).type))
     out_dir = Path(out_dir)
-    write_parquet_atomic(table, out_dir / TRAIN_FILE)
+    write_atomic(out_dir / TRAIN_FILE, lambda staging: write_ipc(staging, table.schema, table.to_batches()))
     ledger_path = Path(source).parent / LEDGER_FILE
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     ledger["audit"] = {

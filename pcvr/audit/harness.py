@@ -46,7 +46,6 @@ from pcvr.audit.metrics import (
 from pcvr.clean_room.dataset import CleanRoomData, load_training_data
 from pcvr.clean_room.policy import RoomPolicy
 from pcvr.clean_room.session import RoomState, weights_for
-from pcvr.data import schema
 from pcvr.data.io import write_bytes_atomic
 from pcvr.models.cvr import CVRNet, adapter_parameters, attach_adapters, load_backbone, set_adapter_vector
 from pcvr.platform.federation import PayloadRecorder
@@ -152,8 +151,7 @@ def _plant(spec: SimulationSpec, setting: AuditSetting, generator: np.random.Gen
             generator=generator,
         )
         data = load_training_data(
-            room.label_set(setting.label_set).train, num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS)
-        )
+            room.label_set(setting.label_set).train)
         rooms[k] = _Room(clean_room_id=k, data=data, canaries=canaries)
     return rooms
 

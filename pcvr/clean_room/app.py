@@ -39,7 +39,6 @@ from pcvr.clean_room.evaluate import evaluate_split, evaluation_ledger, record_r
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import batch_gradient, batch_indices
-from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, backbone_digest, load_backbone, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
 from pcvr.protocols.eval_messages import EVALUATE_MESSAGE, EvaluateIns, EvaluateReply
@@ -222,7 +221,7 @@ def _check_ready(node: _Node, config: RunConfig, ins: PreflightIns) -> None:
 
 
 def _load(path: Path) -> CleanRoomData:
-    return load_training_data(path, num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS))
+    return load_training_data(path)
 
 
 def _preflight(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:

@@ -18,7 +18,9 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pcvr.data.encoding import FeatureEncoding
 from pcvr.data.io import write_json_atomic
+from pcvr.data.spec import DatasetSpec
 from pcvr.models.cvr import CVRNet, backbone_digest, load_backbone, parameter_counts
 from pcvr.platform.federation import RUN_FAILED_PREFIX, Holdout, run_federated_training
 from pcvr.platform.features import read_labelled
@@ -33,9 +35,9 @@ log = logging.getLogger(__name__)
 
 def load_oracle_holdout(platform: PlatformDir, backbone: CVRNet) -> Holdout | None:
     """The simulation's holdout with true labels, encoded for ``backbone``; None outside a simulation."""
-    if not platform.oracle_holdout.exists():
+    if not platform.oracle_spec.exists():
         return None
-    features, labels, _ = read_labelled(platform.oracle_holdout, buckets=backbone.config.buckets)
+    features, labels, _ = read_labelled(DatasetSpec.load(platform.oracle_spec), FeatureEncoding.load(platform.backbone))
     return Holdout(features, labels)
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pcvr.audit.canaries import CanarySet, plant_canaries
 from pcvr.data import schema
+from pcvr.data.io import read_ipc, write_ipc
 from pcvr.protocols.keys import prf_uniforms
 from pcvr.protocols.label_dp import flip_prob
 from pcvr.protocols.layout import TRAIN_FILE
@@ -33,7 +33,7 @@ def write_train(path: Path, rows: int) -> pa.Table:
         }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    write_ipc(path, table.schema, table.to_batches())
     (path.parent / "ledger.json").write_text(json.dumps({"records": rows}))
     return table
 
@@ -44,7 +44,7 @@ def test_planted_table_has_the_canaries_with_randomized_coin_flip_labels(tmp_pat
     canaries = plant_canaries(
         source, tmp_path / "audit", rows=3000, canaries=2000, epsilon=1.0, rr_secret=SECRET, generator=np.random.default_rng(1)
     )
-    planted = pq.read_table(tmp_path / "audit" / TRAIN_FILE)
+    planted = read_ipc(tmp_path / "audit" / TRAIN_FILE)
     assert planted.num_rows == 3000 and len(canaries.rows) == 2000
     # rows keep the source's order (batches are drawn by position)
     assert np.all(np.diff(planted.column("cat_0").to_numpy()) > 0)
