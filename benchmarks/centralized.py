@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pcvr.clean_room.app import clean_room_dir
 from pcvr.clean_room.dataset import CleanRoomData, load_training_data
 from pcvr.clean_room.task import batch_indices
-from pcvr.data import schema
 from pcvr.platform.training import cosine_learning_rate
 from pcvr.protocols.label_dp import corrected_loss
 from pcvr.simulate import SimulationSpec
@@ -22,10 +20,7 @@ def load_rooms(spec: SimulationSpec, *, label_set: str) -> list[CleanRoomData]:
     """Every clean room's joined training rows for ``label_set``."""
     return [
         load_training_data(
-            clean_room_dir(spec.work_dir, k) / label_set / "train.parquet",
-            num_categorical=len(schema.CATEGORICAL_FIELDS),
-            num_dense=len(schema.DENSE_FIELDS),
-        )
+            spec.layout.clean_room(k).label_set(label_set).train)
         for k in range(spec.world.advertisers)
     ]
 

@@ -41,9 +41,8 @@ from flwr.common import Metadata
 
 from pcvr.data.synth import WorldConfig
 from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts
-from pcvr.platform.app import backbone_dir, holdout_path
+from pcvr.platform.app import load_oracle_holdout
 from pcvr.platform.evaluate import holdout_metrics, predict
-from pcvr.platform.features import read_labelled
 from pcvr.platform.federation import wire_bytes
 from pcvr.protocols.codecs import Codec, encode
 from pcvr.protocols.label_dp import Correction
@@ -89,10 +88,11 @@ def full_model_bytes(num_params: int, *, batch_size: int) -> tuple[int, int]:
 def full_finetune_auc(spec: SimulationSpec, *, label_set: str, learning_rate: float) -> float:
     """Full fine-tuning of every parameter, same batches and schedule as the federated runs."""
     torch.set_num_threads(2)
-    model = load_backbone(backbone_dir(spec.work_dir))
+    model = load_backbone(spec.layout.platform.backbone)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=model.config.buckets)
+    holdout = load_oracle_holdout(spec.layout.platform, model)
+    features, labels = holdout.features, holdout.labels
     rooms = load_rooms(spec, label_set=label_set)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     for step in range(1, spec.num_rounds + 1):
@@ -117,7 +117,7 @@ def main() -> None:
     prepare(spec)
     label_set = spec.private_label_set
     rooms = spec.world.advertisers
-    backbone = load_backbone(backbone_dir(spec.work_dir))
+    backbone = load_backbone(spec.layout.platform.backbone)
     counts = parameter_counts(attach_adapters(backbone))
     up, down = full_model_bytes(counts["backbone"] + counts["adapters"], batch_size=spec.batch_size)
     settings: dict[str, dict] = {

@@ -29,9 +29,8 @@ import torch
 
 from pcvr.data.synth import WorldConfig
 from pcvr.models.cvr import load_backbone
-from pcvr.platform.app import backbone_dir, holdout_path
+from pcvr.platform.app import load_oracle_holdout
 from pcvr.platform.evaluate import holdout_metrics, predict
-from pcvr.platform.features import read_labelled
 from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols.codecs import Codec
 from pcvr.simulate import SimulationSpec, prepare, run_setting
@@ -42,8 +41,9 @@ from centralized import load_rooms, pooled_step  # benchmarks/centralized.py, be
 def centralized(spec: SimulationSpec, *, label_set: str, eval_every: int) -> list[dict]:
     """Plain torch on the pooled clean-room rows; returns evaluations with cumulative train seconds."""
     torch.set_num_threads(2)
-    backbone = load_backbone(backbone_dir(spec.work_dir))
-    features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
+    backbone = load_backbone(spec.layout.platform.backbone)
+    holdout = load_oracle_holdout(spec.layout.platform, backbone)
+    features, labels = holdout.features, holdout.labels
     rooms = load_rooms(spec, label_set=label_set)
     trainer = AdapterTrainer(backbone, learning_rate=spec.learning_rate, total_steps=spec.num_rounds, seed=spec.seed)
     model, optimizer = trainer.model, trainer.optimizer
@@ -75,8 +75,9 @@ def main() -> None:
     )
     prepare(spec)
     label_set = spec.private_label_set
-    backbone = load_backbone(backbone_dir(spec.work_dir))
-    features, labels, _ = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
+    backbone = load_backbone(spec.layout.platform.backbone)
+    holdout = load_oracle_holdout(spec.layout.platform, backbone)
+    features, labels = holdout.features, holdout.labels
     backbone_auc = holdout_metrics(labels, predict(backbone, features))["auc"]
 
     central = centralized(spec, label_set=label_set, eval_every=args.eval_every)

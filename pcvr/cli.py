@@ -1,5 +1,8 @@
 """The ``pcvr`` command.
 
+    pcvr keys new --out FILE        a join secret (shared with the platform) or an RR secret (never leaves)
+    pcvr platform pretrain | export, pcvr advertiser hand-off, pcvr clean-room join, pcvr train:
+                                    one command per party, each writing only its own directory
     pcvr data synth --rows N --advertisers K --out DIR
     pcvr prepare [options]          world, backbone, hand-offs and joins, no training
     pcvr simulate [--json] [options]  all of the above, then every setting in Flower's simulation engine
@@ -25,6 +28,7 @@ import sys
 from pathlib import Path
 
 from pcvr.advertiser.policy import ConsentPolicy
+from pcvr.cli_parties import add_party_commands, add_training_arguments
 from pcvr.data.schema import ConsentLevel
 from pcvr.data.synth import WorldConfig, synthesize
 from pcvr.protocols.codecs import Codec
@@ -60,22 +64,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epsilon", type=float, default=None, help="label-DP ε of standard consent (default: the policy's standard ε)"
     )
-    parser.add_argument(
-        "--correction", default="forward", choices=[c.value for c in Correction], help="(default: %(default)s)"
-    )
     parser.add_argument("--policy", type=Path, default=None, help="consent policy TOML (default: the bundled one)")
-    parser.add_argument("--rounds", type=int, default=100, help="federated rounds per setting (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8192, help="rows per clean-room gradient (default: %(default)s)")
-    parser.add_argument("--min-batch-size", type=int, default=1024, help="(default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=0.02, help="platform Adam peak step (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=25, help="(default: %(default)s)")
-    parser.add_argument(
-        "--codec", default="q8", help="gradient compression: none, q8, q4, topk:F[+q8|+q4] (default: %(default)s)"
-    )
-    parser.add_argument("--downstream-codec", default="q8", help="compression of weight deltas (default: %(default)s)")
-    parser.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="DP-SGD σ in the clean rooms (0: off)")
-    parser.add_argument("--dp-target-epsilon", type=float, default=0.0, help="or the DP-SGD ε to reach (0: off)")
-    parser.add_argument("--dp-clip-norm", type=float, default=1.0, help="DP-SGD per-example clip (default: %(default)s)")
+    add_training_arguments(parser)
 
 
 def _epsilon(args: argparse.Namespace, policy: ConsentPolicy) -> float:
@@ -103,7 +93,7 @@ def _spec(args: argparse.Namespace):
         policy=policy,
         epsilon=_epsilon(args, policy),
         correction=Correction.parse(args.correction),
-        num_rounds=args.rounds,
+        num_rounds=args.num_rounds,
         batch_size=args.batch_size,
         min_batch_size=args.min_batch_size,
         learning_rate=args.learning_rate,
@@ -131,15 +121,16 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from pcvr.simulate import SUMMARY_FILE, format_table, simulate
+    from pcvr.simulate import format_table, simulate
 
-    summary = simulate(_spec(args))
+    spec = _spec(args)
+    summary = simulate(spec)
     if args.json:
         keys = ("results", "failures", "rounds", "wall_s", "bytes_up", "bytes_down", "codec", "downstream_codec", "parameters")
         print(json.dumps({k: summary[k] for k in keys}))
     else:
         print(format_table(summary))
-        print(f"\nfull summary: {args.work_dir / SUMMARY_FILE}")
+        print(f"\nfull summary: {spec.layout.summary}")
     if summary["failures"]:
         print(f"pcvr: error: {summary['failures'][0]}", file=sys.stderr)
         return 1
@@ -275,7 +266,7 @@ def _cmd_deploy_run(args: argparse.Namespace) -> None:
     config = RunConfig.from_run_config(
         {
             **_deploy_run_config(args),
-            "data-dir": str(args.work_dir),
+            "platform-dir": str(args.platform_dir),
             "run-dir": str(layout.training_dir if args.results_dir is None else args.results_dir),
             "clean-rooms": args.clean_rooms,
             "clean-room-nodes": RunConfig.format_nodes(read_nodes(layout)),  # those `deploy register` registered
@@ -315,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pcvr", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    add_party_commands(commands)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="generate the synthetic world to Parquet")
@@ -380,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     register.set_defaults(func=_cmd_deploy_register)
 
     run = remote("run", "train on a running SuperLink whose clean rooms are online")
-    run.add_argument("--work-dir", type=Path, required=True, help="the platform's data directory as the ServerApp sees it")
+    run.add_argument("--platform-dir", type=Path, required=True, help="the platform's directory as the ServerApp sees it")
     run.add_argument("--results-dir", type=Path, default=None, help="where the ServerApp writes results, as it sees it (default: RUN/training)")
     _add_deploy_training_arguments(run)
     run.set_defaults(func=_cmd_deploy_run)
@@ -401,7 +394,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # run-config keys whose flag has another name; every other key is its own flag
-_FLAG_OF_KEY = {"num-rounds": "--rounds", "clean-rooms": "--advertisers", "data-dir": "--work-dir"}
+_FLAG_OF_KEY = {"num-rounds": "--rounds", "clean-rooms": "--advertisers"}
 _RUN_CONFIG_KEY = re.compile(
     r"(?<![\w-])("
     + "|".join(sorted((re.escape(f.name.replace("_", "-")) for f in dataclasses.fields(RunConfig)), key=len, reverse=True))

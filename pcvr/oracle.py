@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pcvr.advertiser.handoff import read_conversions
+from pcvr.advertiser.handoff import true_labels
 from pcvr.clean_room.dataset import load_training_data
 from pcvr.data import schema
+from pcvr.data.io import read_ipc
+from pcvr.data.spec import DatasetSpec
 from pcvr.models.cvr import CVRNet, attach_adapters, predict, set_adapter_vector
 from pcvr.platform.evaluate import holdout_metrics
-from pcvr.protocols.keys import pseudonymous_keys
 
 __all__ = ["HeldOutRows", "held_out_truth"]
 
@@ -34,16 +34,14 @@ __all__ = ["HeldOutRows", "held_out_truth"]
 class HeldOutRows:
     """One clean room's held-out split and where its true labels are."""
 
-    eval_path: Path  # the clean room's eval.parquet
-    conversions_path: Path  # the advertiser's conversions (true labels by click id)
+    eval_path: Path  # the clean room's held-out split
+    conversions_spec: Path  # the advertiser's dataset spec (its [conversions]: true labels by click id)
     join_secret: bytes
 
 
 def _true_labels(rows: HeldOutRows) -> np.ndarray:
-    conversions = read_conversions(rows.conversions_path)
-    click_ids = conversions.column(schema.CLICK_ID).to_numpy(zero_copy_only=False)
-    by_key = dict(zip(pseudonymous_keys(click_ids, secret=rows.join_secret), conversions.column(schema.CONVERTED).to_numpy()))
-    keys = pq.read_table(rows.eval_path, columns=[schema.JOIN_KEY]).column(schema.JOIN_KEY).to_pylist()
+    by_key = true_labels(DatasetSpec.load(rows.conversions_spec), join_secret=rows.join_secret)
+    keys = read_ipc(rows.eval_path).column(schema.JOIN_KEY).to_pylist()
     return np.array([by_key[key] for key in keys], dtype=np.int8)
 
 
@@ -53,7 +51,7 @@ def held_out_truth(backbone: CVRNet, adapters: torch.Tensor, rooms: Sequence[Hel
     set_adapter_vector(model, adapters)
     labels, probs, pairs, ordered = [], [], 0.0, 0.0
     for rows in rooms:
-        data = load_training_data(rows.eval_path, num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS))
+        data = load_training_data(rows.eval_path)
         room_labels, room_probs = _true_labels(rows), predict(model, data.features)
         room_pairs = float(room_labels.sum()) * float(len(room_labels) - room_labels.sum())
         pairs += room_pairs

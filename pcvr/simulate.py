@@ -32,26 +32,27 @@ import torch
 
 from pcvr.advertiser.handoff import hand_off
 from pcvr.advertiser.policy import ConsentPolicy
-from pcvr.clean_room.app import clean_room_dir, make_client_app
+from pcvr.clean_room.app import make_client_app
 from pcvr.clean_room.dataset import join_inputs
-from pcvr.clean_room.evaluate import EVAL_FILE
 from pcvr.clean_room.holdout import HOLDOUT_FRACTION
-from pcvr.clean_room.policy import POLICY_FILE, RoomPolicy
-from pcvr.data import schema
+from pcvr.clean_room.policy import RoomPolicy
+from pcvr.data.encoding import FeatureEncoding
 from pcvr.data.io import write_bytes_atomic, write_json_atomic
 from pcvr.data.prepared import prepare_artifact, require_secret
-from pcvr.data.synth import WorldConfig, synthesize
-from pcvr.models.cvr import ModelConfig, attach_adapters, load_backbone, parameter_counts, save_backbone
+from pcvr.data.spec import DatasetSpec
+from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec, synthesize
+from pcvr.models.cvr import ModelShape, attach_adapters, load_backbone, parameter_counts
 from pcvr.oracle import HeldOutRows, held_out_truth
-from pcvr.platform.app import backbone_dir, holdout_path, make_server_app
+from pcvr.platform.app import make_server_app
 from pcvr.platform.evaluate import holdout_metrics, predict
-from pcvr.platform.features import export_for_clean_room, read_labelled
-from pcvr.platform.pretrain import pretrain_backbone
+from pcvr.platform.features import export_features, read_labelled
+from pcvr.platform.pretrain import pretrain_from_spec
 from pcvr.platform.federation import CHECKPOINT_FILE
 from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.layout import EVAL_FILE, LABELS_FILE, RESULT_FILE, HandoffDir, SimulationDir
 from pcvr.protocols.names import check_name
 from pcvr.protocols.run_config import RunConfig
 
@@ -59,7 +60,6 @@ __all__ = ["SimulationSpec", "prepare", "run_setting", "simulate", "format_table
 
 log = logging.getLogger(__name__)
 NON_PRIVATE = "non_private"
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class SimulationSpec:
 
     work_dir: Path = Path("runs/demo")
     world: WorldConfig = field(default_factory=WorldConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelShape = field(default_factory=ModelShape)
     policy: ConsentPolicy = field(default_factory=ConsentPolicy.default)
     epsilon: float = 3.0
     correction: Correction = Correction.FORWARD
@@ -91,6 +91,10 @@ class SimulationSpec:
         self.run_config(label_set=self.private_label_set, correction=self.correction, name=NON_PRIVATE)  # every run flag, now
 
     @property
+    def layout(self) -> SimulationDir:
+        return SimulationDir(self.work_dir)
+
+    @property
     def private_label_set(self) -> str:
         return f"eps={self.epsilon:g}"
 
@@ -106,9 +110,9 @@ class SimulationSpec:
         check_name(name, what="setting name")
         check_name(label_set, what="label set")
         config = RunConfig(
-            data_dir=self.work_dir,
+            platform_dir=self.layout.platform.root,
             label_set=label_set,
-            run_dir=self.work_dir / "runs" / name,
+            run_dir=self.layout.platform.run_dir(name),
             num_rounds=self.num_rounds,
             clean_rooms=self.world.advertisers,
             batch_size=self.batch_size,
@@ -139,27 +143,26 @@ def _load_existing_world(world_dir: Path, config: WorldConfig) -> dict:
     return summary
 
 
-def _load_secrets(work: Path, advertiser: int) -> tuple[bytes, bytes]:
+def _load_secrets(work: SimulationDir, advertiser: int) -> tuple[bytes, bytes]:
     """Advertiser ``advertiser``'s join and RR secrets, created on first use only.
 
     A secret missing beside data made with it is an error: a new join secret would not
     match those join keys, and a new RR secret would randomize the same labels again.
     """
-    secrets = work / "secrets" / f"advertiser_{advertiser}"
-    room = clean_room_dir(work, advertiser)
-    labelled = sorted(room.glob("*/labels.parquet"))
-    require_secret(secrets / "join.key", made_with_it=[room / "features.parquet", *labelled])
-    require_secret(secrets / "rr.key", made_with_it=labelled)
-    join_secret = load_or_create_secret(secrets / "join.key")  # agreed by the advertiser and the platform
-    rr_secret = load_or_create_secret(secrets / "rr.key")  # the advertiser's alone
+    secrets = work.secrets(advertiser)
+    labelled = sorted(work.handoffs(advertiser).glob(f"*/{LABELS_FILE}"))
+    require_secret(secrets.join, made_with_it=[work.export(advertiser).features, *labelled])
+    require_secret(secrets.rr, made_with_it=labelled)
+    join_secret = load_or_create_secret(secrets.join)  # agreed by the advertiser and the platform
+    rr_secret = load_or_create_secret(secrets.rr)  # the advertiser's alone
     return join_secret, rr_secret
 
 
-def _holdout_key(work: Path, advertiser: int) -> bytes:
+def _holdout_key(work: SimulationDir, advertiser: int) -> bytes:
     """The clean room's own secret that draws its held-out split (never sent)."""
-    path = work / "secrets" / f"advertiser_{advertiser}" / "holdout.key"
-    require_secret(path, made_with_it=sorted(clean_room_dir(work, advertiser).glob(f"*/{EVAL_FILE}")))
-    return load_or_create_secret(path)
+    room = work.clean_room(advertiser)
+    require_secret(room.holdout_key, made_with_it=sorted(Path(room.root).glob(f"*/{EVAL_FILE}")))
+    return load_or_create_secret(room.holdout_key)
 
 
 def prepare(spec: SimulationSpec) -> dict:
@@ -169,99 +172,119 @@ def prepare(spec: SimulationSpec) -> dict:
     data files, secrets, consent policy, model settings) are unchanged, and rebuilt
     otherwise; the world itself is never regenerated under other settings.
     """
-    work = spec.work_dir
+    work = spec.layout
     secrets = [_load_secrets(work, k) for k in range(spec.world.advertisers)]
-    world_dir = work / "world"
+    world_dir = work.world
     if (world_dir / "world.json").exists():
         world = _load_existing_world(world_dir, spec.world)
     else:
         log.info("synthesizing %d clean-room rows into %s", spec.world.rows, world_dir)
         world = synthesize(world_dir, spec.world)
 
+    platform = work.platform
     pretrain_path = world_dir / "platform" / "pretrain.parquet"
 
+    platform_spec = DatasetSpec.load(advertiser_spec_path(world_dir, 0))  # every advertiser's spec has this [pretrain]
+
     def pretrain() -> None:
-        features, labels, _ = read_labelled(pretrain_path, buckets=spec.model.buckets)
-        backbone = pretrain_backbone(
-            features, labels, config=spec.model, epochs=spec.pretrain_epochs, generator=torch.Generator().manual_seed(spec.seed)
-        )
-        save_backbone(backbone, backbone_dir(work))
+        generator = torch.Generator().manual_seed(spec.seed)
+        pretrain_from_spec(platform_spec, platform.backbone, shape=spec.model, epochs=spec.pretrain_epochs, generator=generator)
 
     prepare_artifact(
-        backbone_dir(work),
-        {"pretrain": pretrain_path, "model": dataclasses.asdict(spec.model), "epochs": spec.pretrain_epochs, "seed": spec.seed},
+        platform.backbone,
+        {
+            "pretrain": pretrain_path,
+            "features": platform_spec.require("features").digest(),
+            "model": dataclasses.asdict(spec.model),
+            "epochs": spec.pretrain_epochs,
+            "seed": spec.seed,
+        },
         pretrain,
     )
+    holdout = world_dir / "holdout.parquet"  # what only a simulation knows: the platform evaluates on it
+
+    def copy_holdout() -> None:
+        _copy(holdout, platform.oracle_holdout)
+        holdout_spec(platform.oracle_holdout, source=platform.oracle_spec, config=spec.world).write()
+
+    prepare_artifact(platform.oracle_holdout, {"holdout": holdout}, copy_holdout)
     ledgers: dict[str, list[dict]] = {}
     for k, (join_secret, rr_secret) in enumerate(secrets):
-        room = clean_room_dir(work, k)
+        room, export = work.clean_room(k), work.export(k)
         # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
-        write_bytes_atomic(room / POLICY_FILE, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
+        write_bytes_atomic(room.policy, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
         platform_features = world_dir / "platform" / "features" / f"advertiser_{k}.parquet"
+        advertiser_spec = DatasetSpec.load(advertiser_spec_path(world_dir, k))
         prepare_artifact(
-            room / "features.parquet",
-            {"features": platform_features, "join_secret": join_secret, "buckets": list(spec.model.buckets)},
-            lambda: export_for_clean_room(
-                platform_features, room / "features.parquet", join_secret=join_secret, buckets=spec.model.buckets
-            ),
+            export.features,
+            {"features": platform_features, "join_secret": join_secret, "backbone": platform.backbone},
+            lambda: export_features(advertiser_spec, backbone_dir=platform.backbone, join_secret=join_secret, out_path=export.features),
         )
-        prepare_artifact(room / "backbone", {"backbone": backbone_dir(work)}, lambda: _copy_backbone(work, room))
+        prepare_artifact(room.backbone, {"backbone": platform.backbone}, lambda: _copy(platform.backbone, room.backbone))
         conversions = world_dir / f"advertiser_{k}" / "conversions.parquet"
         holdout_key = _holdout_key(work, k)
         for name, policy in spec.label_sets().items():
-            label_dir = room / name
+            handoff = work.handoff(k, name)
             inputs = {
                 "conversions": conversions,
                 "consent_policy": policy.to_dict(),
-                "features": room / "features.parquet",
+                "features": export.features,
                 "join_secret": join_secret,
                 "rr_secret": rr_secret,
                 "holdout_key": holdout_key,
                 "eval_fraction": HOLDOUT_FRACTION,
             }
+            Path(room.root, name).mkdir(parents=True, exist_ok=True)
+            label_set = room.label_set(name)
             prepare_artifact(
-                label_dir,
+                label_set.root,
                 inputs,
-                lambda: _hand_off_and_join(conversions, room, label_dir, policy, join_secret, rr_secret, holdout_key),
+                lambda: _hand_off_and_join(advertiser_spec, export.features, handoff.root, label_set, policy, join_secret, rr_secret, holdout_key),
             )
-            ledgers.setdefault(name, []).append(json.loads((label_dir / "ledger.json").read_text()))
+            ledgers.setdefault(name, []).append(json.loads(label_set.ledger.read_text()))
     return {"world": world, "ledgers": ledgers}
 
 
-def _copy_backbone(work: Path, room: Path) -> None:
-    shutil.rmtree(room / "backbone", ignore_errors=True)
-    shutil.copytree(backbone_dir(work), room / "backbone")
+def _copy(source: Path, target: Path) -> None:
+    if Path(source).is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
 
 
 def _hand_off_and_join(
-    conversions: Path,
-    room: Path,
-    label_dir: Path,
+    advertiser_spec: DatasetSpec,
+    features: Path,
+    handoff_dir: Path,
+    label_set,
     policy: ConsentPolicy,
     join_secret: bytes,
     rr_secret: bytes,
     holdout_key: bytes,
 ) -> None:
-    hand_off(conversions, label_dir, policy=policy, join_secret=join_secret, rr_secret=rr_secret)
+    hand_off(advertiser_spec, policy=policy, join_secret=join_secret, rr_secret=rr_secret, out_dir=handoff_dir)
+    handoff = HandoffDir(handoff_dir)
     join_inputs(
-        room / "features.parquet",
-        label_dir / "labels.parquet",
-        label_dir / "train.parquet",
-        num_categorical=len(schema.CATEGORICAL_FIELDS),
-        num_dense=len(schema.DENSE_FIELDS),
-        eval_path=label_dir / EVAL_FILE,
+        features,
+        handoff.labels,
+        train_path=label_set.train,
+        eval_path=label_set.eval,
         holdout_key=holdout_key,
     )
+    _copy(handoff.ledger, label_set.ledger)
 
 
 def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, run_dir: Path, label_set: str) -> dict[str, float]:
     """True-label metrics of the setting's final model on the rows the clean rooms evaluated privately."""
     adapters = AdapterTrainer.saved_adapters(run_dir / CHECKPOINT_FILE)
+    work = spec.layout
     rooms = [
         HeldOutRows(
-            eval_path=clean_room_dir(spec.work_dir, k) / label_set / EVAL_FILE,
-            conversions_path=spec.work_dir / "world" / f"advertiser_{k}" / "conversions.parquet",
-            join_secret=_load_secrets(spec.work_dir, k)[0],
+            eval_path=work.clean_room(k).label_set(label_set).eval,
+            conversions_spec=advertiser_spec_path(work.world, k),
+            join_secret=_load_secrets(work, k)[0],
         )
         for k in range(spec.world.advertisers)
     ]
@@ -288,13 +311,14 @@ def run_setting(
     shutil.rmtree(config.run_dir, ignore_errors=True)
     overrides = config.to_run_config()
     _quiet_flower()
+    rooms = {k: spec.layout.clean_room(k).root for k in range(spec.world.advertisers)}
     run_simulation(
         server_app=make_server_app(overrides),
-        client_app=make_client_app(overrides),
+        client_app=make_client_app(overrides, clean_room_dirs=rooms),
         num_supernodes=spec.world.advertisers,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": os.cpu_count() or 1}},
     )
-    result_path = config.run_dir / "result.json"
+    result_path = config.run_dir / RESULT_FILE
     if not result_path.exists():
         raise RuntimeError(f"setting {name}: the ServerApp ended without writing {result_path} (see the log above)")
     return json.loads(result_path.read_text())
@@ -309,10 +333,12 @@ def simulate(spec: SimulationSpec) -> dict:
     earlier run is removed first, so it never stands beside new results.
     """
     started = time.monotonic()
-    (spec.work_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    spec.layout.summary.unlink(missing_ok=True)
     prepared = prepare(spec)
-    backbone = load_backbone(backbone_dir(spec.work_dir))
-    features, labels, true_prob = read_labelled(holdout_path(spec.work_dir), buckets=backbone.config.buckets)
+    backbone = load_backbone(spec.layout.platform.backbone)
+    platform = spec.layout.platform
+    oracle = DatasetSpec.load(platform.oracle_spec)
+    features, labels, true_prob = read_labelled(oracle, FeatureEncoding.load(platform.backbone), truth_column=TRUE_PROB)
     results: dict[str, dict] = {"backbone": holdout_metrics(labels, predict(backbone, features))}
     if true_prob is not None:
         results["oracle"] = holdout_metrics(labels, true_prob)
@@ -361,7 +387,7 @@ def simulate(spec: SimulationSpec) -> dict:
         "downstream_codec": str(spec.downstream_codec),
         "ledger": prepared["ledgers"][eps],
     }
-    write_json_atomic(spec.work_dir / SUMMARY_FILE, summary)
+    write_json_atomic(spec.layout.summary, summary)
     return summary
 
 

@@ -24,7 +24,7 @@ from pcvr.platform.training import AdapterTrainer
 from pcvr.protocols import messages
 from pcvr.protocols.messages import SECTION
 
-TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(16, 8))
+TINY = ModelConfig(buckets=(97, 31, 11, 5, 7, 3, 5, 3), num_dense=18, embedding_dim=4, mlp_dims=(16, 8))
 
 
 def make_backbone(config: ModelConfig = TINY, *, seed: int = 0) -> CVRNet:
@@ -88,12 +88,13 @@ def write_clean_room(
     from pathlib import Path
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from pcvr.clean_room.policy import POLICY_FILE
+    from pcvr.data.io import write_ipc
+
     from pcvr.data import schema
     from pcvr.models.cvr import save_backbone
     from pcvr.models.features import cat_column, dense_column
+    from pcvr.protocols.layout import CleanRoomDir
 
     def joined_rows(count: int, *, seed: int, first_key: int):
         data = clean_room_data(count, seed=seed)
@@ -105,16 +106,19 @@ def write_clean_room(
         columns |= {schema.FLIP_PROB: data.flip_probs.numpy().astype("float64")}
         return pa.table(columns)
 
-    directory = Path(directory)
-    save_backbone(make_backbone(), directory / "backbone")
-    (directory / label_set).mkdir(parents=True, exist_ok=True)
-    pq.write_table(joined_rows(rows, seed=seed, first_key=0), directory / label_set / "train.parquet")
+    room = CleanRoomDir(Path(directory))
+    save_backbone(make_backbone(), room.backbone)
+    Path(directory, label_set).mkdir(parents=True, exist_ok=True)
+    joined = room.label_set(label_set)
+    train = joined_rows(rows, seed=seed, first_key=0)
+    write_ipc(joined.train, train.schema, train.to_batches())
     if eval_rows:
-        pq.write_table(joined_rows(eval_rows, seed=seed + 1, first_key=rows), directory / label_set / "eval.parquet")
+        held_out = joined_rows(eval_rows, seed=seed + 1, first_key=rows)
+        write_ipc(joined.eval, held_out.schema, held_out.to_batches())
     ledger = {"source": "/advertiser/conversions.parquet", "records": rows, "levels": {}}
-    (directory / label_set / "ledger.json").write_text(json.dumps(ledger))
+    joined.ledger.write_text(json.dumps(ledger))
     if policy is not None:
-        (directory / POLICY_FILE).write_text(policy.to_toml())
+        room.policy.write_text(policy.to_toml())
 
 
 def train_instruction(*, round_: int = 1, batch_size: int = 64, min_batch_size: int = 64, **changes: object) -> RecordDict:

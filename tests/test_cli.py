@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pcvr.cli import main
+from pcvr.protocols.layout import SimulationDir
 
 WORLD = ["--rows", "2000", "--pretrain-rows", "2000", "--holdout-rows", "500", "--batch-size", "128", "--min-batch-size", "64"]
 
@@ -106,7 +107,7 @@ def test_epsilon_and_a_policy_file_that_disagree(tmp_path, capsys) -> None:
 def test_a_deleted_join_secret_is_not_regenerated_beside_data_made_with_it(copy, capsys) -> None:
     (copy / "secrets" / "advertiser_1" / "join.key").unlink()
     code, line = run(capsys, "prepare", "--work-dir", str(copy), *WORLD)
-    assert code == 2 and "advertiser_1/join.key: secret is missing, but" in line and "clean_room_1" in line
+    assert code == 2 and "advertiser_1/join.key: secret is missing, but" in line and "advertiser_1" in line.split("but", 1)[1]
     assert not (copy / "secrets" / "advertiser_1" / "join.key").exists()
 
 
@@ -117,9 +118,9 @@ def test_a_changed_consent_policy_is_applied_not_ignored(copy, capsys) -> None:
     policy.write_text('[levels]\nstandard = 3.0\nlimited = 0.5\nopt_out = "exclude"\n')
     assert main(["prepare", "--work-dir", str(copy), "--policy", str(policy), *WORLD]) == 0
     assert json.loads(ledger.read_text())["levels"]["limited"]["epsilon"] == 0.5
-    labels = (copy / "clean_room_0" / "non_private" / "labels.parquet").stat().st_mtime_ns
+    labels = SimulationDir(copy).handoff(0, "non_private").labels.stat().st_mtime_ns
     assert main(["prepare", "--work-dir", str(copy), "--policy", str(policy), *WORLD]) == 0  # nothing changed now
-    assert (copy / "clean_room_0" / "non_private" / "labels.parquet").stat().st_mtime_ns == labels
+    assert SimulationDir(copy).handoff(0, "non_private").labels.stat().st_mtime_ns == labels
 
 
 def test_a_work_dir_that_cannot_be_written(capsys) -> None:

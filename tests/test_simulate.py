@@ -13,7 +13,7 @@ import pytest
 
 from pcvr.cli import main
 from pcvr.data.synth import WorldConfig
-from pcvr.models.cvr import ModelConfig
+from pcvr.models.cvr import ModelShape
 from pcvr.simulate import SimulationSpec, simulate
 
 
@@ -22,7 +22,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulationSpec,
     spec = SimulationSpec(
         work_dir=tmp_path_factory.mktemp("sim") / "work",
         world=WorldConfig(rows=90_000, users=5_000, pretrain_rows=90_000, holdout_rows=40_000, seed=3),
-        model=ModelConfig(buckets=(5_000, 2_000, 100, 16, 64, 8, 16, 8), mlp_dims=(64, 32)),
+        model=ModelShape(mlp_dims=(64, 32)),
         epsilon=3.0,
         num_rounds=40,
         batch_size=4096,
@@ -56,7 +56,7 @@ def test_private_auc_stays_close_to_non_private(small_run):
 def test_every_round_crossed_the_wire_and_was_accepted(small_run):
     spec, summary = small_run
     for name in ("non_private", "eps=3,forward", "eps=3,none"):
-        result = json.loads((spec.work_dir / "runs" / name / "result.json").read_text())
+        result = json.loads((spec.layout.platform.run_dir(name) / "result.json").read_text())
         assert result["rounds"] == spec.num_rounds
         assert result["rejected"] == 0
         assert all(r["clean_rooms"] == spec.world.advertisers for r in result["history"])
@@ -77,7 +77,7 @@ def test_rerun_reuses_prepared_inputs_byte_for_byte(small_run):
     from pcvr.simulate import prepare
 
     spec, _ = small_run
-    labels = spec.work_dir / "clean_room_0" / "eps=3" / "labels.parquet"
+    labels = spec.layout.handoff(0, "eps=3").labels
     before = labels.read_bytes()
     prepare(spec)
     assert labels.read_bytes() == before
@@ -96,7 +96,7 @@ def test_compressed_gradients_cross_the_wire_at_a_fraction_of_the_dense_size(sma
     spec, summary = small_run
     params = summary["parameters"]["adapters"]
     dense_reply = 4 * params  # the float32 gradient alone, before any framing
-    result = json.loads((spec.work_dir / "runs" / "eps=3,forward" / "result.json").read_text())
+    result = json.loads((spec.layout.platform.run_dir("eps=3,forward") / "result.json").read_text())
     ups = [r["bytes_up"] / r["clean_rooms"] for r in result["history"]]
     downs = [r["bytes_down"] / spec.world.advertisers for r in result["history"]]
     assert max(ups) < dense_reply / 3
@@ -106,7 +106,7 @@ def test_compressed_gradients_cross_the_wire_at_a_fraction_of_the_dense_size(sma
 
 def test_each_run_writes_its_privacy_ledger(small_run):
     spec, _ = small_run
-    ledger = json.loads((spec.work_dir / "runs" / "eps=3,forward" / "privacy_ledger.json").read_text())
+    ledger = json.loads((spec.layout.platform.run_dir("eps=3,forward") / "privacy_ledger.json").read_text())
     assert ledger["platform"]["min_batch_size"] == spec.min_batch_size
     assert ledger["platform"]["codec"] == str(spec.codec)
     rooms = ledger["clean_rooms"]
@@ -132,7 +132,7 @@ def test_dp_sgd_is_accounted_per_clean_room_across_runs(small_run):
             dp_noise_multiplier=1.0, dp_clip_norm=0.5,
         )
         assert result["rejected"] == 0 and all(r["loss"] is None for r in result["history"])  # no exact loss leaves
-        ledgers.append(json.loads((spec.work_dir / "runs" / name / "privacy_ledger.json").read_text()))
+        ledgers.append(json.loads((spec.layout.platform.run_dir(name) / "privacy_ledger.json").read_text()))
     for first, second in zip(*(sorted(l["clean_rooms"].values(), key=lambda e: e["clean_room_id"]) for l in ledgers)):
         assert first["dp_sgd"]["enabled"] and first["dp_sgd"]["steps"] == 4 and first["dp_sgd"]["noise_multiplier"] == 1.0
         assert 0 < first["dp_sgd"]["epsilon"] == pytest.approx(second["dp_sgd"]["epsilon"])  # same σ, q, steps
@@ -164,7 +164,7 @@ def test_a_clean_room_with_another_backbone_is_named_and_fails_the_run(small_run
     from pcvr.simulate import run_setting
 
     spec, _ = small_run
-    weights = spec.work_dir / "clean_room_1" / "backbone" / "backbone.pt"
+    weights = spec.layout.clean_room(1).backbone / "backbone.pt"
     shutil.copy(weights, weights.with_suffix(".good"))
     try:
         state = torch.load(weights, weights_only=True)
@@ -216,7 +216,7 @@ def test_private_evaluation_agrees_with_the_true_labels_of_the_same_rows_within_
 
 def test_the_run_result_and_ledgers_carry_the_private_evaluation(small_run):
     spec, _ = small_run
-    run_dir = spec.work_dir / "runs" / "eps=3,forward"
+    run_dir = spec.layout.platform.run_dir("eps=3,forward")
     result = json.loads((run_dir / "result.json").read_text())
     assert result["private"]["round"] == spec.num_rounds
     assert set(result["private"]["clean_rooms"].values()) == {"ok"}

@@ -1,15 +1,22 @@
 """Turn the advertiser's conversions into the clean room's label input.
 
-For each record: drop it if its consent level is excluded; replace the click id
-by its pseudonymous join key; apply binary randomized response at the level's ε
-with a keyed draw (exactly once per record); keep ε and ρ beside the noisy
-label so the clean room can de-bias. A ledger records what was applied to whom.
+For each record, read as the spec's [conversions] section says: map its consent
+value to a level (or apply the spec's one level); drop it if the level is
+excluded; replace the click id by its pseudonymous join key; apply binary
+randomized response at the level's ε with a keyed draw (exactly once per
+record); keep ε and ρ beside the noisy label so the clean room can de-bias. A
+ledger records what was applied to whom.
+
+The file is streamed one chunk at a time; duplicate click ids are found across
+chunks by :class:`pcvr.data.readers.DuplicateKeys` (16 bytes per record).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +24,29 @@ import pyarrow as pa
 
 from pcvr.advertiser.policy import ConsentPolicy
 from pcvr.data import schema
-from pcvr.data.io import DataError, Kind, read_table, require_unique, require_values_in, write_json_atomic, write_parquet_atomic
+from pcvr.data.io import DataError, staged, write_ipc
+from pcvr.data.readers import Chunk, DuplicateKeys, Role, RowIndex, click_ids, first_row, iter_chunks, key_bytes, label_values, map_values, split_keys
+from pcvr.data.schema import ConsentLevel
+from pcvr.data.spec import CRITEO_ROW, DEFAULT_CHUNK_ROWS, ConversionSpec, DatasetSpec, Format
 from pcvr.protocols.keys import prf_uniforms, pseudonymous_keys
 from pcvr.protocols.label_dp import flip_prob, randomized_response
+from pcvr.protocols.layout import LABELS_FILE, LEDGER_FILE
 
-__all__ = ["CONVERSION_KINDS", "Ledger", "read_conversions", "randomize_labels", "hand_off"]
+__all__ = ["LABEL_SCHEMA", "Ledger", "ConversionRows", "iter_conversions", "true_labels", "hand_off"]
 
-CONVERSION_KINDS = {
-    schema.CLICK_ID: Kind.STRING,
-    schema.CONVERTED: Kind.INTEGER,
-    schema.CONVERSION_TYPE: Kind.STRING,
-    schema.TIMESTAMP: Kind.INTEGER,
-    schema.CONSENT: Kind.STRING,
-}
+LABEL_SCHEMA = pa.schema(
+    [
+        pa.field(schema.JOIN_KEY, pa.binary(32)),
+        pa.field(schema.NOISY_LABEL, pa.int8()),
+        pa.field(schema.EPSILON, pa.float64()),
+        pa.field(schema.FLIP_PROB, pa.float64()),
+    ]
+)
+_LEVELS = tuple(ConsentLevel)
+PRIVATE_EVALUATION = (
+    "the clean room's private evaluation releases only de-biased sums over its held-out noisy labels: "
+    "post-processing of these epsilon-label-DP labels, so it spends no privacy budget"
+)
 
 
 @dataclass(frozen=True)
@@ -40,83 +57,133 @@ class Ledger:
     records: int
     levels: dict[str, dict]
     mechanism: str = "binary randomized response; one keyed HMAC-SHA256 draw per record"
+    private_evaluation: str = field(default=PRIVATE_EVALUATION)
 
     @property
     def excluded(self) -> int:
         return sum(entry["records"] for entry in self.levels.values() if entry["excluded"])
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "records": self.records, "excluded": self.excluded, "levels": self.levels, "mechanism": self.mechanism}
-
-
-def read_conversions(path: Path) -> pa.Table:
-    """Read and validate an advertiser conversion file (Parquet or CSV)."""
-    table = read_table(path, columns=CONVERSION_KINDS)
-    require_unique(table, schema.CLICK_ID, path=path)
-    require_values_in(table, schema.CONVERTED, (0, 1), path=path)
-    require_values_in(table, schema.CONVERSION_TYPE, schema.CONVERSION_TYPES, path=path)
-    require_values_in(table, schema.CONSENT, tuple(level.value for level in schema.ConsentLevel), path=path)
-    converted = table.column(schema.CONVERTED).to_numpy()
-    typed = table.column(schema.CONVERSION_TYPE).to_numpy(zero_copy_only=False) != "none"
-    mismatch = np.flatnonzero(converted.astype(bool) != typed)
-    if mismatch.size:
-        raise DataError(
-            f"{path}: row {mismatch[0]}: column {schema.CONVERTED!r} disagrees with {schema.CONVERSION_TYPE!r}"
-        )
-    return table
-
-
-def randomize_labels(
-    table: pa.Table, *, policy: ConsentPolicy, join_secret: bytes, rr_secret: bytes, source: str
-) -> tuple[pa.Table, Ledger]:
-    """The clean-room label table (join_key, noisy_label, epsilon, flip_prob) and its ledger."""
-    consent = table.column(schema.CONSENT).to_numpy(zero_copy_only=False)
-    epsilon = np.full(len(consent), np.nan)
-    levels = {}
-    for level, level_epsilon in policy.epsilons:
-        mask = consent == level.value
-        levels[level.value] = {
-            "records": int(mask.sum()),
-            "epsilon": None if level_epsilon is None or math.isinf(level_epsilon) else level_epsilon,
-            "excluded": level_epsilon is None,
+        return {
+            "source": self.source,
+            "records": self.records,
+            "excluded": self.excluded,
+            "levels": self.levels,
+            "mechanism": self.mechanism,
+            "private_evaluation": self.private_evaluation,
         }
-        if level_epsilon is not None:
-            epsilon[mask] = level_epsilon
-    kept = ~np.isnan(epsilon)
-    click_ids = table.column(schema.CLICK_ID).to_numpy(zero_copy_only=False)[kept]
-    keys = pseudonymous_keys(click_ids, secret=join_secret)
-    epsilon = epsilon[kept]
-    flip_probs = np.array([flip_prob(epsilon=e) for e in epsilon]) if epsilon.size else np.zeros(0)
-    labels = table.column(schema.CONVERTED).to_numpy()[kept]
-    noisy = randomized_response(labels, prf_uniforms(keys, secret=rr_secret), flip_probs=flip_probs)
-    out = pa.table(
-        {
-            schema.JOIN_KEY: pa.array(keys, type=pa.binary(32)),
-            schema.NOISY_LABEL: pa.array(noisy, type=pa.int8()),
-            schema.EPSILON: pa.array(epsilon, type=pa.float64()),
-            schema.FLIP_PROB: pa.array(flip_probs, type=pa.float64()),
-        }
-    )
-    return out, Ledger(source=source, records=table.num_rows, levels=levels)
 
 
-def hand_off(
-    conversions_path: Path,
-    out_dir: Path,
-    *,
-    policy: ConsentPolicy,
-    join_secret: bytes,
-    rr_secret: bytes,
-) -> Ledger:
-    """Validate conversions, randomize, and write ``labels.parquet`` + ``ledger.json`` into ``out_dir``.
+@dataclass(frozen=True)
+class ConversionRows:
+    """One validated chunk of conversions: join keys (S32), clean labels (int8), consent level index per row."""
 
-    Nothing is written unless the whole input validates.
+    chunk: Chunk
+    keys: np.ndarray
+    labels: np.ndarray
+    levels: np.ndarray  # index into ConsentLevel's members
+
+
+def _columns(conversions: ConversionSpec) -> dict[str, Role]:
+    columns = {conversions.label: Role.VALUE}
+    if not (conversions.format is Format.CRITEO_TSV and conversions.click_id == CRITEO_ROW):
+        columns = {conversions.click_id: Role.CLICK_ID, **columns}
+    if conversions.consent is not None:
+        columns[conversions.consent] = Role.VALUE
+    if conversions.timestamp is not None:
+        columns[conversions.timestamp] = Role.TIMESTAMP
+    return columns
+
+
+def iter_conversions(spec: DatasetSpec, *, join_secret: bytes) -> Iterator[ConversionRows]:
+    """Stream the spec's [conversions], validated, with each record's join key, label and consent level.
+
+    Duplicate click ids are reported once the whole file has been read.
+
+    Raises:
+        ValueError: the spec has no [conversions] section.
+        DataError: missing column, wrong type, a label or consent value outside the spec's map,
+            a missing value, a duplicate click id (naming file, row, column).
     """
-    table = read_conversions(Path(conversions_path))
-    labels, ledger = randomize_labels(
-        table, policy=policy, join_secret=join_secret, rr_secret=rr_secret, source=str(conversions_path)
-    )
+    conversions: ConversionSpec = spec.require("conversions")
+    level_of = {value: _LEVELS.index(level) for value, level in conversions.consent_levels or ()}
+    duplicates, rows = DuplicateKeys(), RowIndex()
+    chunk_rows = spec.features.chunk_rows if spec.features is not None else DEFAULT_CHUNK_ROWS
+    for chunk in iter_chunks(conversions.paths, fmt=conversions.format, columns=_columns(conversions), chunk_rows=chunk_rows):
+        ids = click_ids(chunk, conversions.click_id, conversions.format)
+        labels = label_values(chunk, conversions.label, positive=conversions.positive, negative=conversions.negative)
+        if conversions.consent is not None:
+            levels = map_values(chunk, conversions.consent, level_of)
+        else:
+            levels = np.full(len(chunk), _LEVELS.index(conversions.consent_level), dtype=np.int64)
+        if conversions.timestamp is not None:
+            stamps = chunk.table.column(conversions.timestamp)
+            if stamps.null_count:
+                raise chunk.fail(first_row(stamps.is_null()), f"column {conversions.timestamp!r} is missing a value")
+        keys = key_bytes(_binary32(pseudonymous_keys(ids, secret=join_secret)), path=chunk.path, start=chunk.start)
+        duplicates.add(keys)
+        rows.add(chunk)
+        yield ConversionRows(chunk=chunk, keys=keys, labels=labels, levels=levels)
+    repeat = duplicates.first_repeat()
+    if repeat is not None:
+        (path, row), (earlier_path, earlier) = rows.locate(repeat[0]), rows.locate(repeat[1])
+        raise DataError(f"{path}: row {row}: column {conversions.click_id!r} repeats the click id of {earlier_path} row {earlier}")
+
+
+def true_labels(spec: DatasetSpec, *, join_secret: bytes) -> dict[bytes, int]:
+    """Join key → clean label of every conversion record (only a simulation may look: the labels are the advertiser's)."""
+    labels: dict[bytes, int] = {}
+    for part in iter_conversions(spec, join_secret=join_secret):
+        labels.update(zip(split_keys(part.keys), part.labels.tolist()))
+    return labels
+
+
+def _binary32(keys: list[bytes]) -> pa.Array:
+    return pa.array(keys, type=pa.binary(32))
+
+
+def hand_off(spec: DatasetSpec, *, policy: ConsentPolicy, join_secret: bytes, rr_secret: bytes, out_dir: Path) -> Ledger:
+    """Validate the conversions, randomize, and write ``labels.arrow`` + ``ledger.json`` into ``out_dir``.
+
+    Both files appear together once the whole input has validated, or neither does.
+    """
+    epsilons = [policy.epsilon_for(level) for level in _LEVELS]
+    rhos = np.array([0.0 if e is None else flip_prob(epsilon=e) for e in epsilons])
+    eps = np.array([np.nan if e is None else e for e in epsilons])
+    counts = np.zeros(len(_LEVELS), dtype=np.int64)
+    records = 0
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal records
+        for part in iter_conversions(spec, join_secret=join_secret):
+            counts[:] += np.bincount(part.levels, minlength=len(_LEVELS))
+            records += len(part.labels)
+            kept = ~np.isnan(eps[part.levels])
+            keys = split_keys(part.keys[kept])
+            flips = rhos[part.levels[kept]]
+            noisy = randomized_response(part.labels[kept], prf_uniforms(keys, secret=rr_secret), flip_probs=flips)
+            yield pa.record_batch(
+                {
+                    schema.JOIN_KEY: _binary32(keys),
+                    schema.NOISY_LABEL: pa.array(np.asarray(noisy, dtype=np.int8)),
+                    schema.EPSILON: pa.array(eps[part.levels[kept]]),
+                    schema.FLIP_PROB: pa.array(flips),
+                },
+                schema=LABEL_SCHEMA,
+            )
+
     out_dir = Path(out_dir)
-    write_parquet_atomic(labels, out_dir / "labels.parquet")
-    write_json_atomic(out_dir / "ledger.json", {**ledger.to_dict(), "policy": policy.to_dict()})
+    conversions: ConversionSpec = spec.require("conversions")
+    with staged(out_dir / LABELS_FILE, out_dir / LEDGER_FILE) as (labels_staging, ledger_staging):
+        write_ipc(labels_staging, LABEL_SCHEMA, batches())
+        levels = {
+            level.value: {
+                "records": int(counts[i]),
+                "epsilon": None if epsilons[i] is None or math.isinf(epsilons[i]) else epsilons[i],
+                "excluded": epsilons[i] is None,
+            }
+            for i, level in enumerate(_LEVELS)
+        }
+        ledger = Ledger(source=", ".join(str(p) for p in conversions.paths), records=records, levels=levels)
+        ledger_staging.write_text(json.dumps({**ledger.to_dict(), "policy": policy.to_dict()}, indent=2) + "\n")
     return ledger

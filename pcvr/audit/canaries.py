@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pcvr.data import schema
-from pcvr.data.io import write_parquet_atomic
+from pcvr.data.io import read_ipc, write_atomic, write_ipc
 from pcvr.protocols.keys import prf_uniforms
+from pcvr.protocols.layout import LEDGER_FILE, TRAIN_FILE
 from pcvr.protocols.label_dp import flip_prob, randomized_response
 
 __all__ = ["CanarySet", "plant_canaries"]
@@ -55,7 +55,7 @@ def plant_canaries(
     rr_secret: bytes,
     generator: np.random.Generator,
 ) -> CanarySet:
-    """Write ``out_dir/train.parquet``: ``rows`` rows of ``source`` of which ``canaries`` are canaries.
+    """Write ``out_dir/train.arrow``: ``rows`` rows of ``source`` of which ``canaries`` are canaries.
 
     The rows are a random sample of the clean room's joined table (kept in their
     order); the canaries among them get a fair-coin label, randomized with ε =
@@ -64,7 +64,7 @@ def plant_canaries(
     Raises:
         ValueError: ``source`` has fewer than ``rows`` rows, or ``canaries`` > ``rows``.
     """
-    table = pq.read_table(source)
+    table = read_ipc(source)
     if not 1 <= canaries <= rows <= table.num_rows:
         raise ValueError(f"{source}: cannot plant {canaries} canaries in {rows} of its {table.num_rows} rows")
     chosen = np.sort(generator.choice(table.num_rows, size=rows, replace=False))
@@ -82,8 +82,8 @@ def plant_canaries(
     for name, values in columns.items():
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, type=table.schema.field(name).type))
     out_dir = Path(out_dir)
-    write_parquet_atomic(table, out_dir / "train.parquet")
-    ledger_path = Path(source).parent / "ledger.json"
+    write_atomic(out_dir / TRAIN_FILE, lambda staging: write_ipc(staging, table.schema, table.to_batches()))
+    ledger_path = Path(source).parent / LEDGER_FILE
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     ledger["audit"] = {
         "rows": rows,
@@ -91,5 +91,5 @@ def plant_canaries(
         "canary_epsilon": None if math.isinf(epsilon) else epsilon,
         "note": "canary labels are coin flips; their records were randomized like any other",
     }
-    (out_dir / "ledger.json").write_text(json.dumps(ledger, indent=2) + "\n")
+    (out_dir / LEDGER_FILE).write_text(json.dumps(ledger, indent=2) + "\n")
     return CanarySet(rows=canary_rows.astype(np.int64), labels=labels, noisy_labels=noisy.astype(np.int8))

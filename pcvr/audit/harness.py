@@ -43,17 +43,15 @@ from pcvr.audit.metrics import (
     epsilon_lower_bound,
     label_dp_auc_bound,
 )
-from pcvr.clean_room.app import batches_dir, clean_room_dir
 from pcvr.clean_room.dataset import CleanRoomData, load_training_data
-from pcvr.clean_room.policy import POLICY_FILE, RoomPolicy
+from pcvr.clean_room.policy import RoomPolicy
 from pcvr.clean_room.session import RoomState, weights_for
-from pcvr.data import schema
 from pcvr.data.io import write_bytes_atomic
 from pcvr.models.cvr import CVRNet, adapter_parameters, attach_adapters, load_backbone, set_adapter_vector
-from pcvr.platform.app import backbone_dir
 from pcvr.platform.federation import PayloadRecorder
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.layout import PRIVACY_LEDGER_FILE
 from pcvr.protocols.messages import Binding, ProtocolError, TrainIns, TrainReply, record_from_bytes
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.simulate import NON_PRIVATE, SimulationSpec, prepare, run_setting
@@ -138,23 +136,22 @@ def _plant(spec: SimulationSpec, setting: AuditSetting, generator: np.random.Gen
     source_set = NON_PRIVATE if math.isinf(setting.epsilon) else spec.private_label_set
     rooms = {}
     for k in range(spec.world.advertisers):
-        room_dir = clean_room_dir(spec.work_dir, k)
+        room = spec.layout.clean_room(k)
         # The advertiser audits its own clean room: its policy admits the batch size audited.
-        write_bytes_atomic(room_dir / POLICY_FILE, RoomPolicy(min_batch_size=_floor(setting)).to_toml().encode())
-        out_dir = room_dir / setting.label_set
+        write_bytes_atomic(room.policy, RoomPolicy(min_batch_size=_floor(setting)).to_toml().encode())
+        out_dir = Path(room.root) / setting.label_set
         shutil.rmtree(out_dir, ignore_errors=True)
         canaries = plant_canaries(
-            room_dir / source_set / "train.parquet",
+            room.label_set(source_set).train,
             out_dir,
             rows=setting.rows_per_room,
             canaries=setting.canaries_per_room,
             epsilon=setting.epsilon,
-            rr_secret=load_or_create_secret(spec.work_dir / "secrets" / f"advertiser_{k}" / "rr.key"),
+            rr_secret=load_or_create_secret(spec.layout.secrets(k).rr),
             generator=generator,
         )
         data = load_training_data(
-            out_dir / "train.parquet", num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS)
-        )
+            room.label_set(setting.label_set).train)
         rooms[k] = _Room(clean_room_id=k, data=data, canaries=canaries)
     return rooms
 
@@ -212,7 +209,7 @@ def _run(spec: SimulationSpec, setting: AuditSetting) -> tuple[dict, dict[int, i
     )
     if result["failures"]:
         raise RuntimeError(f"audit {setting.name}: the recorded run failed: {result['failures'][0]}")
-    ledger = json.loads((spec.work_dir / "runs" / setting.label_set / "privacy_ledger.json").read_text())
+    ledger = json.loads((spec.layout.platform.run_dir(setting.label_set) / PRIVACY_LEDGER_FILE).read_text())
     missing = {node: entry["error"] for node, entry in ledger["clean_rooms"].items() if "error" in entry}
     if missing:
         raise RuntimeError(f"audit {setting.name}: clean rooms did not report their ledger: {missing}")
@@ -261,15 +258,15 @@ def audit_setting(spec: SimulationSpec, setting: AuditSetting, *, seed: int, con
     """Plant, run, attack, score one setting; returns its figures."""
     rooms = _plant(spec, setting, np.random.default_rng(np.random.SeedSequence([seed, 0xA0D17])))
     result, node_room = _run(spec, setting)
-    model = attach_adapters(load_backbone(backbone_dir(spec.work_dir)), seed=spec.seed)
+    model = attach_adapters(load_backbone(spec.layout.platform.backbone), seed=spec.seed)
     length = sum(p.numel() for p in adapter_parameters(model))
     bias_index = bias_offset_index(model)
-    run_dir = spec.work_dir / "runs" / setting.label_set
+    run_dir = spec.layout.platform.run_dir(setting.label_set)
     scores: dict[tuple[int, int], dict[str, list[float]]] = {}  # (clean room, canary) → attack → per payload
     count_errors: list[float] = []  # |estimated − true| noisy positive count, per payload
     for round_, node, weights, received in _replay(run_dir, result["run_id"], length, setting.codec):
         room = rooms[node_room[node]]
-        batches = batches_dir(clean_room_dir(spec.work_dir, room.clean_room_id), label_set=setting.label_set, run_id=result["run_id"])
+        batches = spec.layout.clean_room(room.clean_room_id).label_set(setting.label_set).batches(result["run_id"])
         batch = torch.from_numpy(np.load(batches / f"r{round_:05d}.npy"))
         if len(batch) == 0:  # an empty Poisson batch under DP-SGD: the payload is noise alone
             continue

@@ -10,7 +10,7 @@ Everything a handler does runs inside one boundary (:func:`_answer`): whatever
 fails, the platform gets only a fixed :class:`~pcvr.protocols.refusals.Refusal`
 code; the details go to the clean room's own log. Names from the run config
 (the label set) are plain names resolved inside the clean room's directory
-(:mod:`pcvr.protocols.names`); the platform never supplies a path.
+(:class:`pcvr.protocols.layout.CleanRoomDir`); the platform never supplies a path.
 
 Per round: apply the weight delta to the held weights → sample a batch → the
 de-biased, batch-summed adapter gradient (optionally DP-SGD: per-example clip +
@@ -34,13 +34,12 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from pcvr.clean_room.dataset import load_training_data
+from pcvr.clean_room.dataset import CleanRoomData, load_training_data
 from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch
-from pcvr.clean_room.evaluate import EVAL_FILE, evaluate_split, evaluation_ledger, record_release
+from pcvr.clean_room.evaluate import evaluate_split, evaluation_ledger, record_release
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import AdamMoments, BatchGradient, batch_gradient, batch_indices, local_update
-from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, backbone_digest, load_backbone, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
 from pcvr.protocols.eval_messages import EVALUATE_MESSAGE, EvaluateIns, EvaluateReply
@@ -54,52 +53,30 @@ from pcvr.protocols.messages import (
     TrainIns,
     TrainReply,
 )
-from pcvr.protocols.names import resolve_inside
+from pcvr.protocols.layout import CleanRoomDir
 from pcvr.protocols.refusals import Refusal, Refused
 from pcvr.protocols.run_config import RunConfig
 
-__all__ = ["app", "make_client_app", "clean_room_dir", "dp_sgd_config", "batches_dir", "label_set_dir"]
+__all__ = ["app", "make_client_app", "dp_sgd_config"]
 
 CLEAN_ROOM_ID = "clean-room-id"
 CLEAN_ROOM_DIR = "clean-room-dir"
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 _DP_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name.startswith("dp_"))
-ACCOUNTANT_FILE = "dp_accountant.json"
-TRAIN_FILE = "train.parquet"
-LEDGER_FILE = "ledger.json"
 
 log = logging.getLogger(__name__)
-
-
-def clean_room_dir(data_dir: Path, clean_room_id: int) -> Path:
-    """Where clean room ``clean_room_id`` keeps its backbone copy and its inputs."""
-    return Path(data_dir) / f"clean_room_{clean_room_id}"
-
-
-def label_set_dir(directory: Path, label_set: str, *parts: str) -> Path:
-    """``directory/label_set/parts…`` for a label set named by the run config.
-
-    Raises:
-        Refused: ``label_set`` is not a plain name, or the path leads (through a
-            symbolic link) outside the clean room's ``directory``.
-    """
-    try:
-        return resolve_inside(directory, label_set, *parts, what="label set")
-    except ValueError as exc:
-        raise Refused(Refusal.BAD_NAME, str(exc)) from None
-
-
-def batches_dir(directory: Path, *, label_set: str, run_id: int) -> Path:
-    """Where a clean room that records payloads keeps the rows of each batch (never sent)."""
-    return label_set_dir(directory, label_set) / "batches" / f"run-{run_id}"
 
 
 @dataclass(frozen=True)
 class _Node:
     clean_room_id: int
-    directory: Path
+    room: CleanRoomDir
     dp: DPSGDConfig | None
     policy: RoomPolicy
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.room.root)
 
 
 def dp_sgd_config(config: RunConfig, node_config: Mapping[str, object]) -> DPSGDConfig | None:
@@ -116,18 +93,22 @@ def dp_sgd_config(config: RunConfig, node_config: Mapping[str, object]) -> DPSGD
     )
 
 
-def _node_facts(node_config: Mapping[str, object], config: RunConfig) -> _Node:
+def _node_facts(node_config: Mapping[str, object], config: RunConfig, rooms: Mapping[int, Path]) -> _Node:
+    """The clean room's own facts: its id and directory from its node config, or from the local
+    launcher's ``rooms`` (clean-room id → directory) in simulation; never from the run config."""
     raw_id = node_config.get(CLEAN_ROOM_ID, node_config.get(PARTITION_ID))
     if raw_id is None:
         raise ValueError(f"node config needs {CLEAN_ROOM_ID!r} (or Flower's {PARTITION_ID!r} in simulation)")
     clean_room_id = int(raw_id)
-    directory = node_config.get(CLEAN_ROOM_DIR)
-    directory = Path(str(directory)) if directory else clean_room_dir(config.data_dir, clean_room_id)
+    directory = node_config.get(CLEAN_ROOM_DIR) or rooms.get(clean_room_id)
+    if not directory:
+        raise ValueError(f"clean room {clean_room_id}: no directory: its node config needs {CLEAN_ROOM_DIR!r}")
+    room = CleanRoomDir(Path(str(directory)))
     return _Node(
         clean_room_id=clean_room_id,
-        directory=directory,
+        room=room,
         dp=dp_sgd_config(config, node_config),
-        policy=RoomPolicy.load(directory),
+        policy=RoomPolicy.load(room.root),
     )
 
 
@@ -138,7 +119,7 @@ def _run_key(config: RunConfig, run_id: int) -> str:
 
 def _accountant(node: _Node, config: RunConfig, run_id: int) -> PrivacyAccountant:
     """One file per clean room: every run on its rows composes, whatever its label set."""
-    return PrivacyAccountant(node.directory / ACCOUNTANT_FILE, run_key=_run_key(config, run_id))
+    return PrivacyAccountant(node.room.accountant, run_key=_run_key(config, run_id))
 
 
 @dataclass(frozen=True)
@@ -162,11 +143,7 @@ def _released_update(
     uses the batches of steps (r−1)K+1 … rK of its private order) or, under DP-SGD, its
     own Poisson sample, every one of them accounted before anything leaves.
     """
-    data = load_training_data(
-        label_set_dir(node.directory, config.label_set, TRAIN_FILE),
-        num_categorical=len(schema.CATEGORICAL_FIELDS),
-        num_dense=len(schema.DENSE_FIELDS),
-    )
+    data = _load(node.room.label_set(config.label_set).train)
     floor = node.policy.batch_floor(ins.min_batch_size)
     node.policy.check_rows(len(data), floor=floor)
     round_, steps = ins.binding.round, ins.local_steps
@@ -262,34 +239,34 @@ def _answer(msg: Message, context: Context, what: str, handle: Callable[[], Reco
 
 def _check_ready(node: _Node, config: RunConfig, ins: PreflightIns) -> None:
     """Everything round 1 will need, checked before it: names, policy, backbone, rows, files."""
-    label_set_dir(node.directory, config.label_set)
+    label_set = node.room.label_set(config.label_set)
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     node.policy.check_batch_size(ins.batch_size)
     node.policy.check_releases(ReleaseLog(node.directory, run_key=_run_key(config, ins.binding.run_id)))
-    if backbone_digest(load_backbone(node.directory / "backbone")) != ins.backbone_digest:
-        raise Refused(Refusal.BACKBONE_MISMATCH, f"{node.directory / 'backbone'} differs from the platform's backbone")
-    json.loads(label_set_dir(node.directory, config.label_set, LEDGER_FILE).read_text())
-    data = load_training_data(
-        label_set_dir(node.directory, config.label_set, TRAIN_FILE),
-        num_categorical=len(schema.CATEGORICAL_FIELDS),
-        num_dense=len(schema.DENSE_FIELDS),
-    )
+    if backbone_digest(load_backbone(node.room.backbone)) != ins.backbone_digest:
+        raise Refused(Refusal.BACKBONE_MISMATCH, f"{node.room.backbone} differs from the platform's backbone")
+    json.loads(label_set.ledger.read_text())
+    data = _load(label_set.train)
     node.policy.check_rows(min(len(data), ins.batch_size), floor=node.policy.batch_floor(ins.min_batch_size))
 
 
-def _preflight(msg: Message, context: Context, config: RunConfig) -> RecordDict:
-    node = _node_facts(context.node_config, config)
+def _load(path: Path) -> CleanRoomData:
+    return load_training_data(path)
+
+
+def _preflight(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
+    node = _node_facts(context.node_config, config, rooms)
     ins = PreflightIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
     _, refusal = _guarded(context, "pre-flight", lambda: _check_ready(node, config, ins))
     return PreflightReply(binding=ins.binding, clean_room_id=node.clean_room_id, refusal=int(refusal or 0)).to_record()
 
 
-def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
-    node = _node_facts(context.node_config, config)
-    label_set_dir(node.directory, config.label_set)  # a plain name inside the clean room, or refused
+def _train(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
+    node = _node_facts(context.node_config, config, rooms)
+    label_set = node.room.label_set(config.label_set)  # a plain name inside the clean room, or refused
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     torch.set_num_threads(1)  # several clean rooms share the machine in simulation
-    model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
+    model = attach_adapters(load_backbone(node.room.backbone), seed=config.seed)
     length = parameter_counts(model)["adapters"]
     room = load_state(context.state, length=length)
     ins = TrainIns.from_record(
@@ -311,7 +288,7 @@ def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
     set_adapter_vector(model, torch.from_numpy(weights))
     released, index = _released_update(model, node, config, ins, room, run_id=context.run_id)
     if config.record_payloads:
-        directory = batches_dir(node.directory, label_set=config.label_set, run_id=context.run_id)
+        directory = label_set.batches(context.run_id)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / f"r{round_:05d}.npy", index.numpy())
     quantizer = np.random.default_rng(secrets.randbits(128))  # rounding draws the platform cannot know
@@ -340,13 +317,13 @@ def _train(msg: Message, context: Context, config: RunConfig) -> RecordDict:
     return reply.to_record()
 
 
-def _evaluate(msg: Message, context: Context, config: RunConfig) -> RecordDict:
+def _evaluate(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
     """Score the held-out split with the weights sent; reply with its sums only (:mod:`.evaluate`)."""
-    node = _node_facts(context.node_config, config)
-    label_set_dir(node.directory, config.label_set)
+    node = _node_facts(context.node_config, config, rooms)
+    label_set = node.room.label_set(config.label_set)
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     torch.set_num_threads(1)
-    model = attach_adapters(load_backbone(node.directory / "backbone"), seed=config.seed)
+    model = attach_adapters(load_backbone(node.room.backbone), seed=config.seed)
     ins = EvaluateIns.from_record(
         msg.content,
         run_id=context.run_id,
@@ -354,10 +331,10 @@ def _evaluate(msg: Message, context: Context, config: RunConfig) -> RecordDict:
         num_adapter_params=parameter_counts(model)["adapters"],
         max_bytes=config.max_message_bytes,
     )
-    path = label_set_dir(node.directory, config.label_set, EVAL_FILE)
+    path = label_set.eval
     if not path.exists():
         raise Refused(Refusal.NO_HOLDOUT, f"{path} does not exist")
-    data = load_training_data(path, num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS))
+    data = _load(path)
     floor = node.policy.batch_floor(ins.min_batch_size)
     node.policy.check_rows(len(data), floor=floor)
     set_adapter_vector(model, torch.from_numpy(ins.adapter_weights()))
@@ -366,20 +343,29 @@ def _evaluate(msg: Message, context: Context, config: RunConfig) -> RecordDict:
     return EvaluateReply(binding=ins.binding, aggregates=aggregates).to_record()
 
 
-def _query(msg: Message, context: Context, config: RunConfig) -> RecordDict:
-    node = _node_facts(context.node_config, config)
+def _query(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
+    node = _node_facts(context.node_config, config, rooms)
     ins = LedgerIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
     ledger = {**privacy_ledger(node, config, run_id=context.run_id), "evaluation": evaluation_ledger(context.state)}
     return LedgerReply(binding=ins.binding, ledger=ledger).to_record()
 
 
-def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
+def make_client_app(
+    defaults: Mapping[str, object] | None = None, *, clean_room_dirs: Mapping[int, Path] | None = None
+) -> ClientApp:
     """A ClientApp whose run config is ``defaults`` overlaid by Flower's ``context.run_config``.
+
+    ``clean_room_dirs`` (clean-room id → its directory) is the local launcher's: in
+    Flower's simulation engine, where a node has no node config of its own, clean room
+    ``k`` is the node with partition id ``k``. A deployed SuperNode names its directory in
+    its node config (``clean-room-dir``), which takes precedence. The platform's run
+    config never supplies a path.
 
     Every handler runs inside :func:`_answer`: the platform gets a reply or a fixed
     refusal code, never a clean room's error text.
     """
     defaults = dict(defaults or {})
+    rooms = {int(k): Path(v) for k, v in (clean_room_dirs or {}).items()}
     client_app = ClientApp()
 
     def config_of(context: Context) -> RunConfig:
@@ -387,26 +373,26 @@ def make_client_app(defaults: Mapping[str, object] | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context)))
+        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context), rooms))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context)))
+        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context), rooms))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context)))
+        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context), rooms))
 
     @client_app.query(PREFLIGHT_ACTION)
     def preflight(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context)))
+        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context), rooms))
 
     return client_app
 
 
 def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int) -> dict[str, object]:
     """What protected this clean room's records in run ``run_id``: the values it enforced and the releases it made."""
-    label_ledger = json.loads(label_set_dir(node.directory, config.label_set, LEDGER_FILE).read_text())
+    label_ledger = json.loads(node.room.label_set(config.label_set).ledger.read_text())
     label_ledger.pop("source", None)  # a path inside the advertiser's premises
     releases = ReleaseLog(node.directory, run_key=_run_key(config, run_id))
     if node.dp is None:

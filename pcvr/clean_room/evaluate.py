@@ -21,11 +21,11 @@ from flwr.app import ConfigRecord, RecordDict
 
 from pcvr.clean_room.dataset import CleanRoomData
 from pcvr.models.cvr import predict
+from pcvr.protocols.layout import EVAL_FILE
 from pcvr.protocols.private_eval import EvalAggregates, room_aggregates
 
 __all__ = ["EVAL_FILE", "evaluate_split", "record_release", "evaluation_ledger"]
 
-EVAL_FILE = "eval.parquet"
 _STATE = "pcvr.clean-room.evaluations"
 _RELEASES = "releases"
 _ROWS = "rows"

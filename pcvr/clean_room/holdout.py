@@ -18,24 +18,31 @@ import numpy as np
 import pyarrow as pa
 
 from pcvr.data import schema
+from pcvr.data.readers import split_keys
 from pcvr.protocols.keys import prf_uniforms
 
-__all__ = ["HOLDOUT_FRACTION", "split_holdout"]
+__all__ = ["HOLDOUT_FRACTION", "holdout_mask", "split_holdout"]
 
 HOLDOUT_FRACTION = 0.1
 _DOMAIN = b"pcvr/clean-room-holdout/v1|"
 
 
-def split_holdout(table: pa.Table, *, fraction: float, seed_key: bytes) -> tuple[pa.Table, pa.Table]:
-    """(train rows, evaluation rows) of ``table``, each in ``table``'s row order.
+def holdout_mask(keys: np.ndarray | list[bytes], *, fraction: float, seed_key: bytes) -> np.ndarray:
+    """Whether each join key's row is held out (bool [N]).
 
     Args:
-        table: joined rows with a :data:`~pcvr.data.schema.JOIN_KEY` column.
+        keys: 32-byte join keys, as ``bytes`` or a numpy ``S32`` array.
         fraction: the expected share of rows held out, in (0, 1).
         seed_key: the clean room's holdout secret (at least 16 bytes).
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1); got {fraction!r}")
-    keys = table.column(schema.JOIN_KEY).to_pylist()
-    held_out = prf_uniforms(keys, secret=seed_key, domain=_DOMAIN) < fraction
+    if isinstance(keys, np.ndarray):
+        keys = split_keys(keys)
+    return prf_uniforms(keys, secret=seed_key, domain=_DOMAIN) < fraction
+
+
+def split_holdout(table: pa.Table, *, fraction: float, seed_key: bytes) -> tuple[pa.Table, pa.Table]:
+    """(train rows, evaluation rows) of a table with a :data:`~pcvr.data.schema.JOIN_KEY` column, each in its row order."""
+    held_out = holdout_mask(table.column(schema.JOIN_KEY).to_pylist(), fraction=fraction, seed_key=seed_key)
     return table.filter(pa.array(~held_out)), table.filter(pa.array(held_out))

@@ -30,13 +30,12 @@ from pathlib import Path
 
 from pcvr.data.io import DataError, write_json_atomic
 from pcvr.protocols.codecs import Codec
+from pcvr.protocols.layout import POLICY_FILE, RELEASES_FILE
 from pcvr.protocols.names import check_name
 from pcvr.protocols.refusals import Refusal, Refused
 
 __all__ = ["POLICY_FILE", "RELEASES_FILE", "DPRequirement", "RoomPolicy", "ReleaseLog"]
 
-POLICY_FILE = "policy.toml"
-RELEASES_FILE = "releases.json"
 _TOP_KEYS = {"min_batch_size", "codecs", "label_sets", "max_releases_per_run", "max_releases_total", "dp_sgd"}
 _DP_KEYS = {"require", "min_noise_multiplier", "max_total_epsilon"}
 

@@ -21,6 +21,12 @@ memory stays bounded whatever the row count:
     OUT/platform/features/advertiser_K.parquet   platform feature log of clicks on K's ads
     OUT/advertiser_K/conversions.parquet    advertiser K's conversions and consent levels
     OUT/holdout.parquet                     held-out clean-room clicks with label and true_prob
+    OUT/advertiser_K.toml                   the dataset spec of advertiser K's data (features, pretrain, conversions)
+    OUT/holdout.toml                        the dataset spec of the holdout (its [pretrain] section: true labels)
+
+The specs are what make the synthetic world one producer among others: every
+later step reads it through them (:mod:`pcvr.data.spec`), exactly as it reads a
+user's own files. Column names are this module's; pcvr's own steps know none.
 """
 
 from __future__ import annotations
@@ -39,9 +45,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from pcvr.data import schema
+from pcvr.data.schema import ConsentLevel
+from pcvr.data.spec import (
+    CategoricalColumn,
+    CategoricalMissing,
+    ConversionSpec,
+    DatasetSpec,
+    DenseColumn,
+    FeatureSpec,
+    Format,
+    LabelSpec,
+)
 
-__all__ = ["WorldConfig", "World", "synthesize"]
+__all__ = ["WorldConfig", "World", "synthesize", "world_spec", "holdout_spec", "advertiser_spec_path", "holdout_spec_path", "TRUE_PROB"]
+
+# The synthetic world's column names (its own files; nothing else in pcvr depends on them).
+CLICK_ID = "click_id"
+USER_ID = "user_id"
+AD_ID = "ad_id"
+ADVERTISER_ID = "advertiser_id"
+TIMESTAMP = "timestamp"
+CATEGORICAL_FIELDS = (USER_ID, AD_ID, ADVERTISER_ID, "user_segment", "user_geo", "user_device", "ad_category", "ad_format")
+LATENT_DIM = 8
+DENSE_FIELDS = tuple(f"user_dense_{i}" for i in range(LATENT_DIM)) + tuple(f"ad_dense_{i}" for i in range(LATENT_DIM)) + (
+    "hour_sin",
+    "hour_cos",
+)
+FEATURE_COLUMNS = (CLICK_ID, *CATEGORICAL_FIELDS, *DENSE_FIELDS, TIMESTAMP)
+CONVERTED = "converted"
+CONVERSION_TYPE = "conversion_type"
+CONSENT = "consent"
+CONVERSION_COLUMNS = (CLICK_ID, CONVERTED, CONVERSION_TYPE, TIMESTAMP, CONSENT)
+CONVERSION_TYPES = ("none", "add_to_cart", "checkout", "purchase")
+LABEL = "label"  # ground truth, in the pretraining and holdout sets only
+TRUE_PROB = "true_prob"
+_CARDINALITY = {"user_segment": 4, "user_geo": 50, "user_device": 3, "ad_category": 6, "ad_format": 4}
 
 _DAY = 86_400
 _EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -93,7 +131,7 @@ class WorldConfig:
         if self.shift_scale < 0:
             raise ValueError(f"shift_scale must be >= 0; got {self.shift_scale}")
         for level, share in self.consent_mix:
-            schema.ConsentLevel.parse(level)
+            ConsentLevel.parse(level)
             if share < 0:
                 raise ValueError(f"consent_mix share for {level!r} must be >= 0; got {share}")
         if not math.isclose(sum(share for _, share in self.consent_mix), 1.0, abs_tol=1e-9):
@@ -114,7 +152,7 @@ class World:
     def __init__(self, config: WorldConfig) -> None:
         self.config = config
         rng = np.random.default_rng([config.seed, 0])
-        d = schema.LATENT_DIM
+        d = LATENT_DIM
         self.user_latent = rng.standard_normal((config.users, d))
         self.user_geo = rng.integers(0, 50, config.users)
         self.user_device = rng.integers(0, 3, config.users)
@@ -191,27 +229,27 @@ class World:
         label = (rng.random(n) < true_prob).astype(np.int8)
         day = start_day + rng.integers(0, days, n)
         timestamp = _EPOCH + day * _DAY + hours * 3600 + rng.integers(0, 3600, n)
-        u_obs = self.user_latent[users] + 0.3 * rng.standard_normal((n, schema.LATENT_DIM))
-        a_obs = self.ad_latent[ads] + 0.3 * rng.standard_normal((n, schema.LATENT_DIM))
+        u_obs = self.user_latent[users] + 0.3 * rng.standard_normal((n, LATENT_DIM))
+        a_obs = self.ad_latent[ads] + 0.3 * rng.standard_normal((n, LATENT_DIM))
         columns: dict[str, np.ndarray] = {
-            schema.CLICK_ID: np.char.add(id_prefix, np.arange(n).astype(str)).astype(object),
-            schema.USER_ID: users.astype(np.int64),
-            schema.AD_ID: ads.astype(np.int64),
-            schema.ADVERTISER_ID: self.ad_advertiser[ads].astype(np.int64),
+            CLICK_ID: np.char.add(id_prefix, np.arange(n).astype(str)).astype(object),
+            USER_ID: users.astype(np.int64),
+            AD_ID: ads.astype(np.int64),
+            ADVERTISER_ID: self.ad_advertiser[ads].astype(np.int64),
             "user_segment": np.argmax(self.user_latent[users][:, :4], axis=1).astype(np.int64),
             "user_geo": self.user_geo[users].astype(np.int64),
             "user_device": self.user_device[users].astype(np.int64),
             "ad_category": np.argmax(self.ad_latent[ads][:, :6], axis=1).astype(np.int64),
             "ad_format": self.ad_format[ads].astype(np.int64),
         }
-        for i in range(schema.LATENT_DIM):
+        for i in range(LATENT_DIM):
             columns[f"user_dense_{i}"] = u_obs[:, i].astype(np.float32)
             columns[f"ad_dense_{i}"] = a_obs[:, i].astype(np.float32)
         columns["hour_sin"] = np.sin(2 * np.pi * hours / 24).astype(np.float32)
         columns["hour_cos"] = np.cos(2 * np.pi * hours / 24).astype(np.float32)
-        columns[schema.TIMESTAMP] = timestamp.astype(np.int64)
-        columns[schema.LABEL] = label
-        columns[schema.TRUE_PROB] = true_prob
+        columns[TIMESTAMP] = timestamp.astype(np.int64)
+        columns[LABEL] = label
+        columns[TRUE_PROB] = true_prob
         columns["_user_index"] = users
         return columns
 
@@ -222,22 +260,22 @@ def _chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _feature_table(columns: dict[str, np.ndarray], *, with_truth: bool) -> pa.Table:
-    names = list(schema.FEATURE_COLUMNS) + ([schema.LABEL, schema.TRUE_PROB] if with_truth else [])
+    names = list(FEATURE_COLUMNS) + ([LABEL, TRUE_PROB] if with_truth else [])
     return pa.table({name: columns[name] for name in names})
 
 
 def _conversion_table(world: World, rng: np.random.Generator, columns: dict[str, np.ndarray]) -> pa.Table:
-    label = columns[schema.LABEL]
-    kind = rng.choice(np.arange(1, len(schema.CONVERSION_TYPES)), len(label), p=_CONVERSION_TYPE_MIX)
-    conversion_type = np.array(schema.CONVERSION_TYPES, dtype=object)[np.where(label == 1, kind, 0)]
+    label = columns[LABEL]
+    kind = rng.choice(np.arange(1, len(CONVERSION_TYPES)), len(label), p=_CONVERSION_TYPE_MIX)
+    conversion_type = np.array(CONVERSION_TYPES, dtype=object)[np.where(label == 1, kind, 0)]
     delay = (rng.exponential(_DAY, len(label)) * label).astype(np.int64)
     return pa.table(
         {
-            schema.CLICK_ID: columns[schema.CLICK_ID],
-            schema.CONVERTED: label,
-            schema.CONVERSION_TYPE: conversion_type,
-            schema.TIMESTAMP: columns[schema.TIMESTAMP] + delay,
-            schema.CONSENT: world.user_consent[columns["_user_index"]],
+            CLICK_ID: columns[CLICK_ID],
+            CONVERTED: label,
+            CONVERSION_TYPE: conversion_type,
+            TIMESTAMP: columns[TIMESTAMP] + delay,
+            CONSENT: world.user_consent[columns["_user_index"]],
         }
     )
 
@@ -273,7 +311,7 @@ def _write_world(world: World, out: Path) -> dict:
             cols = world.clicks(
                 rng, n, advertisers=world.platform_advertiser_ids, start_day=0, days=30, id_prefix=f"p{start}-"
             )
-            positives += int(cols[schema.LABEL].sum())
+            positives += int(cols[LABEL].sum())
             writer.write_table(_feature_table(cols, with_truth=True))
     pretrain_rate = positives / config.n_pretrain
 
@@ -291,7 +329,7 @@ def _write_world(world: World, out: Path) -> dict:
                 cols = world.clicks(
                     rng, n, advertisers=np.array([advertiser_id]), start_day=30, days=28, id_prefix=f"a{k}-{start}-"
                 )
-                positives += int(cols[schema.LABEL].sum())
+                positives += int(cols[LABEL].sum())
                 features.write_table(_feature_table(cols, with_truth=False))
                 conversions.write_table(_conversion_table(world, rng, cols))
         clean_rooms.append(
@@ -304,8 +342,8 @@ def _write_world(world: World, out: Path) -> dict:
             cols = world.clicks(
                 rng, n, advertisers=world.clean_room_advertiser_ids, start_day=58, days=2, id_prefix=f"h{start}-"
             )
-            labels.append(cols[schema.LABEL])
-            probs.append(cols[schema.TRUE_PROB])
+            labels.append(cols[LABEL])
+            probs.append(cols[TRUE_PROB])
             writer.write_table(_feature_table(cols, with_truth=True))
     label, prob = np.concatenate(labels), np.concatenate(probs)
     summary = {
@@ -319,29 +357,89 @@ def _write_world(world: World, out: Path) -> dict:
             "oracle_auc": float(roc_auc_score(label, prob)) if 0 < label.sum() < len(label) else None,
         },
     }
+    for k in range(config.advertisers):
+        world_spec(out, config, advertiser=k).write()
+    world_spec(out, config, advertiser=None).write()
     (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def advertiser_spec_path(world_dir: Path, advertiser: int) -> Path:
+    """Where the world keeps the dataset spec of advertiser ``advertiser``'s data."""
+    return Path(world_dir) / f"advertiser_{int(advertiser)}.toml"
+
+
+def holdout_spec_path(world_dir: Path) -> Path:
+    """Where the world keeps the dataset spec of its holdout (true labels: simulation only)."""
+    return Path(world_dir) / "holdout.toml"
+
+
+def _buckets(config: WorldConfig) -> dict[str, int]:
+    """Hash buckets per categorical column: the users as many as there are; 4x the cardinality for the rest."""
+    advertisers = config.platform_advertisers + config.advertisers
+    cardinality = {AD_ID: advertisers * config.ads_per_advertiser, ADVERTISER_ID: advertisers, **_CARDINALITY}
+    return {USER_ID: config.users, **{name: 4 * n for name, n in cardinality.items()}}
+
+
+def _features(log: Path, config: WorldConfig) -> FeatureSpec:
+    buckets = _buckets(config)
+    return FeatureSpec(
+        paths=(Path(log),),
+        format=Format.PARQUET,
+        click_id=CLICK_ID,
+        categorical=tuple(CategoricalColumn(name, buckets[name], CategoricalMissing.ERROR) for name in CATEGORICAL_FIELDS),
+        dense=tuple(DenseColumn(name) for name in DENSE_FIELDS),
+        chunk_rows=config.chunk_rows,
+    )
+
+
+def holdout_spec(holdout: Path, *, source: Path, config: WorldConfig) -> DatasetSpec:
+    """The spec of a holdout file of this world: its feature columns, and its true labels as [pretrain]."""
+    labels = LabelSpec((Path(holdout),), Format.PARQUET, LABEL, ("1",), ("0",))
+    return DatasetSpec(source=Path(source), features=_features(holdout, config), pretrain=labels)
+
+
+def world_spec(world_dir: Path, config: WorldConfig, *, advertiser: int | None) -> DatasetSpec:
+    """The spec of advertiser ``advertiser``'s data (its feature log, the platform's pretraining data, its
+    conversions), or with ``advertiser=None`` of the holdout (:func:`holdout_spec`)."""
+    world_dir = Path(world_dir)
+    if advertiser is None:
+        return holdout_spec(world_dir / "holdout.parquet", source=holdout_spec_path(world_dir), config=config)
+    features = _features(world_dir / "platform" / "features" / f"advertiser_{advertiser}.parquet", config)
+    pretrain = LabelSpec((world_dir / "platform" / "pretrain.parquet",), Format.PARQUET, LABEL, ("1",), ("0",))
+    conversions = ConversionSpec(
+        paths=(world_dir / f"advertiser_{advertiser}" / "conversions.parquet",),
+        format=Format.PARQUET,
+        click_id=CLICK_ID,
+        label=CONVERTED,
+        positive=("1",),
+        negative=("0",),
+        consent=CONSENT,
+        consent_levels=tuple((level.value, level) for level in ConsentLevel),
+        timestamp=TIMESTAMP,
+    )
+    return DatasetSpec(source=advertiser_spec_path(world_dir, advertiser), features=features, pretrain=pretrain, conversions=conversions)
+
+
 def _feature_schema() -> pa.Schema:
-    fields = [pa.field(schema.CLICK_ID, pa.string())]
-    fields += [pa.field(name, pa.int64()) for name in schema.CATEGORICAL_FIELDS]
-    fields += [pa.field(name, pa.float32()) for name in schema.DENSE_FIELDS]
-    fields += [pa.field(schema.TIMESTAMP, pa.int64())]
+    fields = [pa.field(CLICK_ID, pa.string())]
+    fields += [pa.field(name, pa.int64()) for name in CATEGORICAL_FIELDS]
+    fields += [pa.field(name, pa.float32()) for name in DENSE_FIELDS]
+    fields += [pa.field(TIMESTAMP, pa.int64())]
     return pa.schema(fields)
 
 
 def _pretrain_schema() -> pa.Schema:
-    return _feature_schema().append(pa.field(schema.LABEL, pa.int8())).append(pa.field(schema.TRUE_PROB, pa.float64()))
+    return _feature_schema().append(pa.field(LABEL, pa.int8())).append(pa.field(TRUE_PROB, pa.float64()))
 
 
 def _conversion_schema() -> pa.Schema:
     return pa.schema(
         [
-            pa.field(schema.CLICK_ID, pa.string()),
-            pa.field(schema.CONVERTED, pa.int8()),
-            pa.field(schema.CONVERSION_TYPE, pa.string()),
-            pa.field(schema.TIMESTAMP, pa.int64()),
-            pa.field(schema.CONSENT, pa.string()),
+            pa.field(CLICK_ID, pa.string()),
+            pa.field(CONVERTED, pa.int8()),
+            pa.field(CONVERSION_TYPE, pa.string()),
+            pa.field(TIMESTAMP, pa.int64()),
+            pa.field(CONSENT, pa.string()),
         ]
     )

@@ -44,6 +44,7 @@ from pathlib import Path
 import tomli_w
 
 from pcvr.deploy.certs import CertLayout, make_certs
+from pcvr.protocols.layout import RESULT_FILE, SimulationDir
 
 __all__ = [
     "DeployError",
@@ -118,8 +119,9 @@ class LocalDeployment:
     """One ``pcvr deploy local`` invocation.
 
     Attributes:
-        work_dir: a prepared work directory (``pcvr prepare``): the platform's backbone and
-            holdout, and one ``clean_room_K`` directory per clean room.
+        work_dir: a prepared work directory (``pcvr prepare``,
+            :class:`~pcvr.protocols.layout.SimulationDir`): the platform's directory and one
+            clean-room directory per clean room.
         run_dir: a new directory for this deployment's state, logs and results.
         clean_rooms: how many clean rooms to start (``clean_room_0`` … ``clean_room_{N-1}``).
         certs_dir: where the certificates and keys are (made there when missing).
@@ -150,15 +152,19 @@ class LocalDeployment:
         return DeployLayout(Path(self.run_dir).resolve())
 
     @property
+    def work(self) -> SimulationDir:
+        return SimulationDir(Path(self.work_dir).resolve())
+
+    @property
     def certs(self) -> CertLayout:
-        return CertLayout(Path(self.certs_dir or Path(self.work_dir) / "certs").resolve())
+        return CertLayout(Path(self.certs_dir or self.work.certs).resolve())
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def clean_room_dir(self, clean_room_id: int) -> Path:
-        return Path(self.work_dir).resolve() / f"clean_room_{clean_room_id}"
+        return Path(self.work.clean_room(clean_room_id).root)
 
 
 def superlink_command(
@@ -471,7 +477,7 @@ def deploy_local(deployment: LocalDeployment, *, out=print) -> dict:
     config = RunConfig.from_run_config(
         {
             **deployment.run_config,
-            "data-dir": str(Path(deployment.work_dir).resolve()),
+            "platform-dir": str(deployment.work.platform.root),
             "run-dir": str(layout.training_dir),
             "clean-rooms": deployment.clean_rooms,
         }
@@ -549,7 +555,7 @@ def run_training(layout: DeployLayout, env: Mapping[str, str], run_config: Mappi
     """Start the training on a running SuperLink with ``flwr run --stream``; the platform's ``result.json``."""
     write_app(layout, run_config)
     _stream_run(layout, env, out=out)
-    result_path = Path(str(run_config["run-dir"])) / "result.json"
+    result_path = Path(str(run_config["run-dir"])) / RESULT_FILE
     if not result_path.exists():
         raise DeployError(
             f"the run ended without {result_path}; see {layout.log_file('flwr-run')} and the SuperLink's log"

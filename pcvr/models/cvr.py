@@ -20,17 +20,21 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from pcvr.data import schema
 from pcvr.models.features import EncodedFeatures
+
+if TYPE_CHECKING:
+    from pcvr.data.encoding import FeatureEncoding
 
 __all__ = [
     "predict",
     "ModelConfig",
+    "ModelShape",
     "CVRNet",
     "GatedLoRALinear",
     "attach_adapters",
@@ -46,22 +50,46 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the network and of its adapters; saved beside the weights."""
+class ModelShape:
+    """The network's size, which the platform chooses; the data decides the rest (:class:`ModelConfig`)."""
 
-    buckets: tuple[int, ...] = (50_000, 5_000, 1_000, 16, 64, 8, 16, 8)
     embedding_dim: int = 16
-    num_dense: int = len(schema.DENSE_FIELDS)
     cross_layers: int = 2
     mlp_dims: tuple[int, ...] = (128, 64)
     lora_rank: int = 4
     lora_alpha: float = 4.0
 
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the network and of its adapters; saved beside the weights.
+
+    ``buckets`` (embedding rows per categorical column) and ``num_dense`` come from
+    the feature encoding (:meth:`for_encoding`); the rest is a :class:`ModelShape`.
+    """
+
+    buckets: tuple[int, ...]
+    num_dense: int
+    embedding_dim: int = ModelShape.embedding_dim
+    cross_layers: int = ModelShape.cross_layers
+    mlp_dims: tuple[int, ...] = ModelShape.mlp_dims
+    lora_rank: int = ModelShape.lora_rank
+    lora_alpha: float = ModelShape.lora_alpha
+
     def __post_init__(self) -> None:
-        if len(self.buckets) != len(schema.CATEGORICAL_FIELDS):
-            raise ValueError(f"buckets needs {len(schema.CATEGORICAL_FIELDS)} entries; got {len(self.buckets)}")
-        if min(self.buckets) < 1 or self.embedding_dim < 1 or self.lora_rank < 1:
-            raise ValueError("buckets, embedding_dim and lora_rank must be >= 1")
+        if not self.buckets and self.num_dense < 1:
+            raise ValueError("a model needs at least one categorical or dense input")
+        if (self.buckets and min(self.buckets) < 1) or self.num_dense < 0 or self.embedding_dim < 1 or self.lora_rank < 1:
+            raise ValueError("buckets, embedding_dim and lora_rank must be >= 1, num_dense >= 0")
+
+    @classmethod
+    def for_encoding(cls, encoding: "FeatureEncoding", shape: ModelShape = ModelShape()) -> "ModelConfig":
+        """The config of a model over ``encoding``'s columns, sized by ``shape``."""
+        return cls(buckets=encoding.buckets, num_dense=encoding.num_dense, **dataclasses.asdict(shape))
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelShape)})
 
     @property
     def input_dim(self) -> int:

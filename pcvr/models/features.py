@@ -1,23 +1,22 @@
-"""Encoding of platform feature rows into model inputs.
+"""Model inputs: hashed categorical bucket indices and dense values, as tensors.
 
-Categorical ids are hashed into a fixed number of buckets per field, so the
-model never needs a vocabulary and the clean room never receives a raw id: the
-platform encodes its feature log before export (see ``pcvr.platform.export``).
+The platform encodes its feature rows (:mod:`pcvr.data.encoding`) before they
+leave for a clean room, so the model never needs a vocabulary and the clean room
+never receives a raw id. An encoded table has columns ``cat_0 .. cat_{F-1}``
+(int32 bucket indices) and ``dense_0 .. dense_{D-1}`` (float32); F and D are read
+from the table itself.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pcvr.data import schema
-
-__all__ = ["EncodedFeatures", "hash_buckets", "encode_table", "cat_column", "dense_column"]
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+__all__ = ["EncodedFeatures", "cat_column", "dense_column", "encoded_counts"]
 
 
 def cat_column(field_index: int) -> str:
@@ -30,14 +29,20 @@ def dense_column(field_index: int) -> str:
     return f"dense_{field_index}"
 
 
-def hash_buckets(values: np.ndarray, *, field_index: int, buckets: int) -> np.ndarray:
-    """SplitMix64 hash of int64 ids, salted by field, reduced to [0, buckets)."""
-    with np.errstate(over="ignore"):
-        x = values.astype(np.int64).view(np.uint64) + _GOLDEN * np.uint64(field_index + 1)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(buckets)).astype(np.int64)
+def encoded_counts(names: list[str]) -> tuple[int, int]:
+    """(categorical, dense) column counts of an encoded table's column names.
+
+    Raises:
+        ValueError: the ``cat_i`` / ``dense_j`` columns are not numbered 0, 1, ... without gaps.
+    """
+    counts = []
+    for prefix in ("cat", "dense"):
+        indices = {int(m.group(1)) for name in names if (m := re.fullmatch(rf"{prefix}_(\d+)", name))}
+        gaps = sorted(set(range(max(indices, default=-1) + 1)) - indices)
+        if gaps:
+            raise ValueError(f"no column '{prefix}_{gaps[0]}' (the encoded {prefix}_i columns are numbered from 0 without gaps)")
+        counts.append(len(indices))
+    return counts[0], counts[1]
 
 
 @dataclass(frozen=True)
@@ -54,32 +59,19 @@ class EncodedFeatures:
         return EncodedFeatures(self.categorical[index], self.dense[index])
 
     @classmethod
-    def from_encoded_table(cls, table: pa.Table, *, num_categorical: int, num_dense: int) -> "EncodedFeatures":
-        """Read ``cat_i`` / ``dense_j`` columns written by :func:`encode_table`."""
-        categorical = np.stack([table.column(cat_column(i)).to_numpy() for i in range(num_categorical)], axis=1)
-        dense = np.stack([table.column(dense_column(j)).to_numpy() for j in range(num_dense)], axis=1)
-        return cls(torch.from_numpy(categorical.astype(np.int64)), torch.from_numpy(dense.astype(np.float32)))
+    def from_encoded_table(cls, table: pa.Table) -> "EncodedFeatures":
+        """Read the ``cat_i`` / ``dense_j`` columns of an encoded table (their counts from its column names)."""
+        num_categorical, num_dense = encoded_counts(table.column_names)
+        n = table.num_rows
+        categorical = np.empty((n, num_categorical), dtype=np.int64)
+        for i in range(num_categorical):
+            categorical[:, i] = table.column(cat_column(i)).to_numpy()
+        dense = np.empty((n, num_dense), dtype=np.float32)
+        for j in range(num_dense):
+            dense[:, j] = table.column(dense_column(j)).to_numpy()
+        return cls(torch.from_numpy(categorical), torch.from_numpy(dense))
 
-
-def encode_table(table: pa.Table, *, buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Encode raw feature columns (``schema.CATEGORICAL_FIELDS``, ``schema.DENSE_FIELDS``).
-
-    Returns columns ``cat_i`` (int32 bucket indices) and ``dense_j`` (float32).
-    """
-    if len(buckets) != len(schema.CATEGORICAL_FIELDS):
-        raise ValueError(f"need one bucket count per categorical field ({len(schema.CATEGORICAL_FIELDS)})")
-    encoded: dict[str, np.ndarray] = {}
-    for i, (name, size) in enumerate(zip(schema.CATEGORICAL_FIELDS, buckets)):
-        values = table.column(name).to_numpy()
-        encoded[cat_column(i)] = hash_buckets(values, field_index=i, buckets=size).astype(np.int32)
-    for j, name in enumerate(schema.DENSE_FIELDS):
-        encoded[dense_column(j)] = table.column(name).to_numpy().astype(np.float32)
-    return encoded
-
-
-def encode_features(table: pa.Table, *, buckets: tuple[int, ...]) -> EncodedFeatures:
-    """Encode a raw feature table straight into tensors."""
-    columns = encode_table(table, buckets=buckets)
-    return EncodedFeatures.from_encoded_table(
-        pa.table(columns), num_categorical=len(buckets), num_dense=len(schema.DENSE_FIELDS)
-    )
+    @classmethod
+    def from_columns(cls, columns: dict[str, np.ndarray]) -> "EncodedFeatures":
+        """Tensors of encoded columns as :meth:`pcvr.data.encoding.FeatureEncoding.encode` returns them."""
+        return cls.from_encoded_table(pa.table(columns))

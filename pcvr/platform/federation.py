@@ -4,7 +4,8 @@ Each round: send every clean room the current adapter weights (a compressed
 delta against the version it acknowledged, :mod:`pcvr.platform.downlink`),
 collect replies, validate each against the round's binding (a rejected reply is
 counted, logged and never applied), decode, aggregate, take one optimizer step,
-checkpoint; evaluate on the holdout every ``eval_every`` rounds and at the end.
+checkpoint; in a simulation (an oracle holdout with true labels), evaluate on it every
+``eval_every`` rounds and at the end.
 After the last round every clean room scores its held-out split and returns only
 de-biased sums (:func:`collect_private_evaluation`), then is asked for its
 privacy ledger.
@@ -308,7 +309,7 @@ def run_federated_training(
     grid: Grid,
     config: RunConfig,
     trainer: AdapterTrainer,
-    holdout: Holdout,
+    holdout: Holdout | None,
     *,
     backbone: bytes,
     round_timeout: float = 600.0,
@@ -321,6 +322,8 @@ def run_federated_training(
     ``resume`` (:meth:`RunLog.resume_state`, from the checkpoint the ``trainer`` was
     restored from) continues an interrupted run after its last checkpointed round: its
     log and each clean room's counts go on, and every clean room gets full weights first.
+    ``holdout`` (true labels: a simulation's only) is evaluated on every ``eval_every``
+    rounds and at the end; without it the clean rooms' private evaluation is all there is.
 
     A failed pre-flight check stops the run before round 1; ``MAX_EMPTY_ROUNDS``
     rounds in a row without a valid reply abandon it. Either way the log says why.
@@ -412,7 +415,7 @@ def run_federated_training(
             log.error(run_log.abandoned)
             last = True
         evaluation = None
-        if round_ % config.eval_every == 0 or last:
+        if holdout is not None and (round_ % config.eval_every == 0 or last):
             evaluation = trainer.evaluate(holdout.features, holdout.labels)
             run_log.evaluations.append({"round": round_, "train_s": train_s, **evaluation})
             log.info("round %d: %s", round_, evaluation)

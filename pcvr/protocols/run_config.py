@@ -26,7 +26,9 @@ class RunConfig:
     """Settings of one federated training run.
 
     Attributes:
-        data_dir: prepared run directory (``pcvr simulate`` or ``pcvr prepare`` writes it).
+        platform_dir: the platform's own directory (:class:`pcvr.protocols.layout.PlatformDir`:
+            ``pcvr platform pretrain`` writes it); only the platform reads it. Clean rooms
+            find their directories in their own node config, never here.
         label_set: which prepared clean-room label input to train on (e.g. ``eps=3``).
         run_dir: where the platform writes checkpoints and ``result.json``.
         num_rounds: federated rounds; one optimizer step per round.
@@ -69,9 +71,9 @@ class RunConfig:
             simulation, whose node ids are random): the first ``clean_rooms`` nodes.
     """
 
-    data_dir: Path = Path("runs/demo")
+    platform_dir: Path = Path("runs/demo/platform")
     label_set: str = "eps=3"
-    run_dir: Path = Path("runs/demo/flwr-run")
+    run_dir: Path = Path("runs/demo/platform/runs/flwr-run")
     num_rounds: int = 100
     clean_rooms: int = 3
     batch_size: int = 8192

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pcvr.audit.canaries import CanarySet, plant_canaries
 from pcvr.data import schema
+from pcvr.data.io import read_ipc, write_ipc
 from pcvr.protocols.keys import prf_uniforms
 from pcvr.protocols.label_dp import flip_prob
+from pcvr.protocols.layout import TRAIN_FILE
 
 SECRET = b"s" * 32
 
@@ -32,18 +33,18 @@ def write_train(path: Path, rows: int) -> pa.Table:
         }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    write_ipc(path, table.schema, table.to_batches())
     (path.parent / "ledger.json").write_text(json.dumps({"records": rows}))
     return table
 
 
 def test_planted_table_has_the_canaries_with_randomized_coin_flip_labels(tmp_path: Path) -> None:
-    source = tmp_path / "eps=3" / "train.parquet"
+    source = tmp_path / "eps=3" / TRAIN_FILE
     write_train(source, 5000)
     canaries = plant_canaries(
         source, tmp_path / "audit", rows=3000, canaries=2000, epsilon=1.0, rr_secret=SECRET, generator=np.random.default_rng(1)
     )
-    planted = pq.read_table(tmp_path / "audit" / "train.parquet")
+    planted = read_ipc(tmp_path / "audit" / TRAIN_FILE)
     assert planted.num_rows == 3000 and len(canaries.rows) == 2000
     # rows keep the source's order (batches are drawn by position)
     assert np.all(np.diff(planted.column("cat_0").to_numpy()) > 0)
@@ -63,7 +64,7 @@ def test_planted_table_has_the_canaries_with_randomized_coin_flip_labels(tmp_pat
 
 
 def test_without_randomized_response_canaries_keep_their_labels(tmp_path: Path) -> None:
-    source = tmp_path / "non_private" / "train.parquet"
+    source = tmp_path / "non_private" / TRAIN_FILE
     write_train(source, 100)
     canaries = plant_canaries(
         source, tmp_path / "audit", rows=100, canaries=100, epsilon=math.inf, rr_secret=SECRET, generator=np.random.default_rng(2)
@@ -73,7 +74,7 @@ def test_without_randomized_response_canaries_keep_their_labels(tmp_path: Path) 
 
 
 def test_too_many_canaries_is_an_error(tmp_path: Path) -> None:
-    source = tmp_path / "x" / "train.parquet"
+    source = tmp_path / "x" / TRAIN_FILE
     write_train(source, 10)
     with pytest.raises(ValueError, match="cannot plant 11 canaries in 10 of its 10 rows"):
         plant_canaries(source, tmp_path / "a", rows=10, canaries=11, epsilon=1.0, rr_secret=SECRET, generator=np.random.default_rng(0))

@@ -17,13 +17,13 @@ from pcvr.audit.recompute import logit_jacobian, loss_slopes
 from pcvr.audit.metrics import label_dp_auc_bound
 from pcvr.cli import main
 from pcvr.data.synth import WorldConfig
-from pcvr.models.cvr import CVRNet, ModelConfig, adapter_grad_vector, attach_adapters
+from pcvr.models.cvr import CVRNet, ModelConfig, ModelShape, adapter_grad_vector, attach_adapters
 from pcvr.models.features import EncodedFeatures
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 from pcvr.simulate import SimulationSpec
 
-MODEL = ModelConfig(buckets=(2_000, 1_000, 100, 16, 64, 8, 16, 8), embedding_dim=8, mlp_dims=(32, 16))
+MODEL = ModelShape(embedding_dim=8, mlp_dims=(32, 16))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_report_is_one_json_line_from_the_cli(spec: SimulationSpec, report: dict
 
 def test_logit_jacobian_matches_per_example_autograd() -> None:
     torch.manual_seed(0)
-    model = attach_adapters(CVRNet(ModelConfig(buckets=(50, 20, 10, 5, 7, 3, 5, 3), embedding_dim=4, mlp_dims=(8, 4))), seed=1)
+    model = attach_adapters(CVRNet(ModelConfig(buckets=(50, 20, 10, 5, 7, 3, 5, 3), num_dense=18, embedding_dim=4, mlp_dims=(8, 4))), seed=1)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

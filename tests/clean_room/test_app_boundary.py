@@ -16,6 +16,7 @@ from pcvr.clean_room import app as client_module
 from pcvr.clean_room.app import make_client_app
 from pcvr.protocols.messages import Binding, LedgerIns
 from pcvr.protocols.refusals import Refusal
+from pcvr.protocols.layout import TRAIN_FILE
 from support import NODE_ID, RUN_ID, deliver, room_context, train_instruction, write_clean_room
 
 MARKER = "/srv/advertiser/secret-path"
@@ -101,12 +102,12 @@ def test_a_label_set_that_leads_outside_the_clean_room_is_refused(tmp_path, kind
     write_clean_room(outside, rows=200, label_set="x")
     label_set = {"dotdot": "../outside/x", "absolute": str(outside / "x")}.get(kind, "eps=3")
     if kind == "symlinked folder":
-        (room / "eps=3" / "train.parquet").unlink()
+        (room / "eps=3" / TRAIN_FILE).unlink()
         (room / "eps=3").rename(room / "old")
         (room / "eps=3").symlink_to(outside / "x")
     if kind == "symlinked file":
-        (room / "eps=3" / "train.parquet").unlink()
-        (room / "eps=3" / "train.parquet").symlink_to(outside / "x" / "train.parquet")
+        (room / "eps=3" / TRAIN_FILE).unlink()
+        (room / "eps=3" / TRAIN_FILE).symlink_to(outside / "x" / TRAIN_FILE)
     before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
     context = room_context(room, run_config={"label-set": label_set, "record-payloads": True})
     reply = deliver(make_client_app(), train_instruction(), context)

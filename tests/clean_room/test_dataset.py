@@ -8,18 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pcvr.clean_room.dataset import join_inputs, load_training_data
+from pcvr.clean_room.holdout import holdout_mask
 from pcvr.data import schema
-from pcvr.data.io import DataError
+from pcvr.data.io import DataError, read_ipc, write_ipc
 from pcvr.models.features import cat_column, dense_column
 
-NUM_CAT = len(schema.CATEGORICAL_FIELDS)
-NUM_DENSE = len(schema.DENSE_FIELDS)
-SIZES = dict(num_categorical=NUM_CAT, num_dense=NUM_DENSE)
+NUM_CAT = 8
+NUM_DENSE = 18
 HOLDOUT_KEY = b"h" * 32
 
 
@@ -53,11 +52,28 @@ def labels_table(ids: list[int], *, seed: int = 1) -> pa.Table:
     )
 
 
-def write_inputs(tmp_path: Path, features: pa.Table, labels: pa.Table) -> tuple[Path, Path, Path]:
-    features_path, labels_path = tmp_path / "features.parquet", tmp_path / "labels.parquet"
-    pq.write_table(features, features_path)
-    pq.write_table(labels, labels_path)
-    return features_path, labels_path, tmp_path / "out" / "train.parquet"
+def write_inputs(tmp_path: Path, features: pa.Table, labels: pa.Table, *, batch_rows: int = 3) -> tuple[Path, Path, Path]:
+    """Both inputs as Arrow IPC files of small record batches (the join streams them batch by batch)."""
+    features_path, labels_path = tmp_path / "features.arrow", tmp_path / "labels.arrow"
+    write_ipc(features_path, features.schema, features.to_batches(max_chunksize=batch_rows))
+    write_ipc(labels_path, labels.schema, labels.to_batches(max_chunksize=batch_rows))
+    return features_path, labels_path, tmp_path / "out" / "train.arrow"
+
+
+def join(features_path: Path, labels_path: Path, out_path: Path, *, eval_fraction: float = 0.1):
+    return join_inputs(
+        features_path,
+        labels_path,
+        train_path=out_path,
+        eval_path=out_path.with_name("eval.arrow"),
+        holdout_key=HOLDOUT_KEY,
+        eval_fraction=eval_fraction,
+    )
+
+
+def both(out_path: Path) -> pa.Table:
+    """Training and held-out rows together."""
+    return pa.concat_tables([read_ipc(out_path), read_ipc(out_path.with_name("eval.arrow"))])
 
 
 def replace_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -72,48 +88,47 @@ def test_inner_join_on_join_key_drops_unlabelled_rows(tmp_path) -> None:
     labels = labels_table([12, 3, 9, 0, 7, 11, 5])  # 3, 9, 0, 7, 5 have features; 12, 11 do not
     features_path, labels_path, out_path = write_inputs(tmp_path, features, labels)
 
-    summary = join_inputs(features_path, labels_path, out_path, **SIZES)
+    summary = join(features_path, labels_path, out_path)
 
-    assert (summary.rows, summary.features_without_label, summary.labels_without_features) == (5, 5, 2)
-    joined = pq.read_table(out_path)
+    assert (summary.rows + summary.eval_rows, summary.features_without_label, summary.labels_without_features) == (5, 5, 2)
+    joined = both(out_path)
     assert joined.num_rows == 5
     assert set(joined.column_names) == set(features.column_names) | set(labels.column_names)
-    for name in (schema.CLICK_ID, schema.USER_ID, schema.AD_ID):
-        assert name not in joined.column_names
     by_key_features = {r[schema.JOIN_KEY]: r for r in features.to_pylist()}
     by_key_labels = {r[schema.JOIN_KEY]: r for r in labels.to_pylist()}
     assert {r[schema.JOIN_KEY] for r in joined.to_pylist()} == {key(i) for i in (0, 3, 5, 7, 9)}
     for row in joined.to_pylist():
         expected = {**by_key_features[row[schema.JOIN_KEY]], **by_key_labels[row[schema.JOIN_KEY]]}
         assert row == expected
-    assert [p.name for p in out_path.parent.iterdir()] == ["train.parquet"]  # no staging file left
+    assert sorted(p.name for p in out_path.parent.iterdir()) == ["eval.arrow", "train.arrow"]  # no staging file left
 
 
 def test_the_join_writes_the_held_out_rows_beside_the_training_rows(tmp_path) -> None:
     features_path, labels_path, out_path = write_inputs(tmp_path, features_table(list(range(400))), labels_table(list(range(400))))
-    eval_path = out_path.with_name("eval.parquet")
-    summary = join_inputs(features_path, labels_path, out_path, **SIZES, eval_path=eval_path, holdout_key=HOLDOUT_KEY, eval_fraction=0.2)
-    train, held = pq.read_table(out_path), pq.read_table(eval_path)
+    summary = join(features_path, labels_path, out_path, eval_fraction=0.2)
+    train, held = read_ipc(out_path), read_ipc(out_path.with_name("eval.arrow"))
     assert (summary.rows, summary.eval_rows) == (train.num_rows, held.num_rows) and train.num_rows + held.num_rows == 400
     assert 0 < held.num_rows < 200 and train.schema == held.schema
     assert not set(train.column(schema.JOIN_KEY).to_pylist()) & set(held.column(schema.JOIN_KEY).to_pylist())
-    with pytest.raises(ValueError, match="needs both eval_path and holdout_key"):
-        join_inputs(features_path, labels_path, out_path, **SIZES, eval_path=eval_path)
+    # The split is the keyed draw of each row's join key: reference, row by row.
+    expected = holdout_mask([key(i) for i in range(400)], fraction=0.2, seed_key=HOLDOUT_KEY)
+    assert set(held.column(schema.JOIN_KEY).to_pylist()) == {key(i) for i in range(400) if expected[i]}
 
 
 def test_load_training_data_tensors(tmp_path) -> None:
     features_path, labels_path, out_path = write_inputs(
         tmp_path, features_table(list(range(30))), labels_table(list(range(5, 40)))
     )
-    join_inputs(features_path, labels_path, out_path, **SIZES)
-    data = load_training_data(out_path, **SIZES)
-    table = pq.read_table(out_path)
+    summary = join(features_path, labels_path, out_path)
+    data = load_training_data(out_path)
+    table = read_ipc(out_path)
+    n = summary.rows
 
-    assert len(data) == 25 and len(data.features) == 25
-    assert data.features.categorical.dtype == torch.int64 and data.features.categorical.shape == (25, NUM_CAT)
-    assert data.features.dense.dtype == torch.float32 and data.features.dense.shape == (25, NUM_DENSE)
-    assert data.noisy_labels.dtype == torch.float32 and data.noisy_labels.shape == (25,)
-    assert data.flip_probs.dtype == torch.float32 and data.flip_probs.shape == (25,)
+    assert len(data) == n and len(data.features) == n and 15 < n <= 25
+    assert data.features.categorical.dtype == torch.int64 and data.features.categorical.shape == (n, NUM_CAT)
+    assert data.features.dense.dtype == torch.float32 and data.features.dense.shape == (n, NUM_DENSE)
+    assert data.noisy_labels.dtype == torch.float32 and data.noisy_labels.shape == (n,)
+    assert data.flip_probs.dtype == torch.float32 and data.flip_probs.shape == (n,)
     assert set(data.noisy_labels.tolist()) <= {0.0, 1.0}
     assert data.flip_probs.min() >= 0 and data.flip_probs.max() < 0.5
     # row i of every tensor is row i of the file
@@ -128,14 +143,8 @@ def test_variable_length_binary_join_key_joins_or_is_rejected_clearly(tmp_path) 
     labels = labels_table([1, 2, 3])
     labels = replace_column(labels, schema.JOIN_KEY, pa.array([key(i) for i in (1, 2, 3)], type=pa.binary()))
     features_path, labels_path, out_path = write_inputs(tmp_path, features_table(list(range(5))), labels)
-    try:
-        summary = join_inputs(features_path, labels_path, out_path, **SIZES)
-    except DataError as error:
-        message = str(error)
-        assert "\n" not in message and str(labels_path) in message and schema.JOIN_KEY in message
-        assert not out_path.exists()
-    else:
-        assert summary.rows == 3
+    summary = join(features_path, labels_path, out_path)
+    assert summary.rows + summary.eval_rows == 3
 
 
 def test_join_is_reproducible(tmp_path) -> None:
@@ -158,13 +167,13 @@ def test_join_is_reproducible(tmp_path) -> None:
             schema.FLIP_PROB: pa.array(np.full(n, 0.1)),
         }
     )
-    features_path, labels_path, _ = write_inputs(tmp_path, features, labels)
+    features_path, labels_path, _ = write_inputs(tmp_path, features, labels, batch_rows=8192)
     orders = []
-    for attempt in range(6):  # Arrow's threaded hash join may reorder rows from run to run
-        out_path = tmp_path / f"joined-{attempt}.parquet"
-        join_inputs(features_path, labels_path, out_path, **SIZES)
-        orders.append(pq.read_table(out_path, columns=[dense_column(0)]).column(0).to_numpy())
-    assert sorted(orders[0].tolist()) == list(range(n))
+    for attempt in range(3):
+        out_path = tmp_path / f"joined-{attempt}" / "train.arrow"
+        join(features_path, labels_path, out_path)
+        orders.append(read_ipc(out_path).column(dense_column(0)).to_numpy())
+    assert np.all(np.diff(orders[0]) > 0)  # the features file's order
     for order in orders[1:]:
         assert np.array_equal(order, orders[0])
 
@@ -233,39 +242,48 @@ def _string_categorical(features: pa.Table, labels: pa.Table):
     return replace_column(features, cat_column(2), pa.array(values)), labels
 
 
+def _short_join_key(features: pa.Table, labels: pa.Table):
+    keys = labels.column(schema.JOIN_KEY).to_pylist()
+    keys[6] = keys[6][:16]
+    return features, replace_column(labels, schema.JOIN_KEY, pa.array(keys, type=pa.binary()))
+
+
 def _null_noisy_label(features: pa.Table, labels: pa.Table):
     values = labels.column(schema.NOISY_LABEL).to_pylist()
     values[3] = None
     return features, replace_column(labels, schema.NOISY_LABEL, pa.array(values, type=pa.int8()))
 
 
-BAD_INPUTS = {
-    "duplicate-feature-join-key": (_duplicate_feature_key, "features", schema.JOIN_KEY),
-    "duplicate-label-join-key": (_duplicate_label_key, "labels", schema.JOIN_KEY),
-    "nan-noisy-label-float-column": (_nan_noisy_label, "labels", schema.NOISY_LABEL),
-    "noisy-label-2": (_noisy_label_two, "labels", schema.NOISY_LABEL),
-    "null-noisy-label": (_null_noisy_label, "labels", schema.NOISY_LABEL),
-    "flip-prob-0.5": (_flip_prob_half, "labels", schema.FLIP_PROB),
-    "flip-prob-negative": (_flip_prob_negative, "labels", schema.FLIP_PROB),
-    "nan-epsilon": (_nan_epsilon, "labels", schema.EPSILON),
-    "missing-label-column": (_missing_label_column, "labels", schema.FLIP_PROB),
-    "missing-feature-column": (_missing_feature_column, "features", dense_column(3)),
-    "inf-dense-feature": (_inf_dense_feature, "features", dense_column(7)),
-    "string-categorical": (_string_categorical, "features", cat_column(2)),
+BAD_INPUTS = {  # case: (mutation, file at fault, column named, row named or None)
+    "duplicate-feature-join-key": (_duplicate_feature_key, "features", schema.JOIN_KEY, 3),
+    "duplicate-label-join-key": (_duplicate_label_key, "labels", schema.JOIN_KEY, 4),
+    "nan-noisy-label-float-column": (_nan_noisy_label, "labels", schema.NOISY_LABEL, None),
+    "noisy-label-2": (_noisy_label_two, "labels", schema.NOISY_LABEL, 2),
+    "null-noisy-label": (_null_noisy_label, "labels", schema.NOISY_LABEL, 3),
+    "flip-prob-0.5": (_flip_prob_half, "labels", schema.FLIP_PROB, 5),
+    "flip-prob-negative": (_flip_prob_negative, "labels", schema.FLIP_PROB, 0),
+    "nan-epsilon": (_nan_epsilon, "labels", schema.EPSILON, 1),
+    "missing-label-column": (_missing_label_column, "labels", schema.FLIP_PROB, None),
+    "missing-feature-column": (_missing_feature_column, "features", dense_column(3), None),
+    "inf-dense-feature": (_inf_dense_feature, "features", dense_column(7), 4),
+    "string-categorical": (_string_categorical, "features", cat_column(2), None),
+    "short-join-key": (_short_join_key, "labels", schema.JOIN_KEY, 6),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_raises_one_line_data_error_and_writes_nothing(tmp_path, case: str) -> None:
-    mutate, culprit, field = BAD_INPUTS[case]
+    mutate, culprit, field, row = BAD_INPUTS[case]
     features, labels = mutate(features_table(list(range(8))), labels_table(list(range(8))))
     features_path, labels_path, out_path = write_inputs(tmp_path, features, labels)
     with pytest.raises(DataError) as caught:
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
     message = str(caught.value)
     assert "\n" not in message
     assert str(features_path if culprit == "features" else labels_path) in message
-    assert field in message
+    assert repr(field) in message, message
+    if row is not None:
+        assert f"row {row}:" in message, message
     assert not out_path.exists()
     assert not out_path.parent.exists() or list(out_path.parent.iterdir()) == []
 
@@ -274,14 +292,14 @@ def test_duplicate_join_key_names_the_row(tmp_path) -> None:
     features, labels = _duplicate_label_key(features_table(list(range(8))), labels_table(list(range(8))))
     features_path, labels_path, out_path = write_inputs(tmp_path, features, labels)
     with pytest.raises(DataError, match="row 4"):
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
 
 
 def test_flip_prob_error_names_the_row(tmp_path) -> None:
     features, labels = _flip_prob_half(features_table(list(range(8))), labels_table(list(range(8))))
     features_path, labels_path, out_path = write_inputs(tmp_path, features, labels)
     with pytest.raises(DataError, match="row 5"):
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
 
 
 @pytest.mark.parametrize("which", ["features", "labels"])
@@ -292,8 +310,8 @@ def test_empty_file_rejected(tmp_path, which: str) -> None:
     else:
         labels = labels.slice(0, 0)
     features_path, labels_path, out_path = write_inputs(tmp_path, features, labels)
-    with pytest.raises(DataError) as caught:
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+    with pytest.raises(DataError, match="has no rows") as caught:
+        join(features_path, labels_path, out_path)
     message = str(caught.value)
     assert "\n" not in message
     assert str(features_path if which == "features" else labels_path) in message
@@ -304,7 +322,7 @@ def test_zero_byte_file_rejected(tmp_path) -> None:
     features_path, labels_path, out_path = write_inputs(tmp_path, features_table([1, 2]), labels_table([1, 2]))
     labels_path.write_bytes(b"")
     with pytest.raises(DataError) as caught:
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
     assert str(labels_path) in str(caught.value) and "\n" not in str(caught.value)
     assert not out_path.exists()
 
@@ -313,7 +331,7 @@ def test_missing_file_rejected(tmp_path) -> None:
     features_path, labels_path, out_path = write_inputs(tmp_path, features_table([1, 2]), labels_table([1, 2]))
     labels_path.unlink()
     with pytest.raises(DataError, match="no such file"):
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
     assert not out_path.exists()
 
 
@@ -322,7 +340,7 @@ def test_no_overlap_rejected(tmp_path) -> None:
         tmp_path, features_table(list(range(5))), labels_table(list(range(100, 105)))
     )
     with pytest.raises(DataError) as caught:
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
     message = str(caught.value)
     assert "\n" not in message
     assert str(labels_path) in message and str(features_path) in message
@@ -335,6 +353,23 @@ def test_existing_output_untouched_on_error(tmp_path) -> None:
     out_path.parent.mkdir()
     out_path.write_bytes(b"previous run")
     with pytest.raises(DataError):
-        join_inputs(features_path, labels_path, out_path, **SIZES)
+        join(features_path, labels_path, out_path)
     assert out_path.read_bytes() == b"previous run"
     assert list(out_path.parent.iterdir()) == [out_path]
+
+
+def test_keys_sharing_their_first_bytes_still_join_exactly(tmp_path) -> None:
+    """The fast lookup sorts on 8-byte prefixes; labels whose prefixes collide take the exact path."""
+    prefix = b"\x01" * 8
+    keys = [prefix + hashlib.sha256(b"%d" % i).digest()[:24] for i in range(6)] + [key(i) for i in range(6)]
+    features = features_table(list(range(12)))
+    features = replace_column(features, schema.JOIN_KEY, pa.array(keys, type=pa.binary(32)))
+    labels = labels_table(list(range(12)))
+    labels = replace_column(labels, schema.JOIN_KEY, pa.array(keys[::-1], type=pa.binary(32)))
+    features_path, labels_path, out_path = write_inputs(tmp_path, features.slice(0, 9), labels.slice(1, 10))
+    summary = join(features_path, labels_path, out_path)
+    joined = both(out_path).to_pylist()
+    expected = set(keys[:9]) & set(keys[::-1][1:11])
+    assert {row[schema.JOIN_KEY] for row in joined} == expected and summary.rows + summary.eval_rows == len(expected)
+    by_key = {r[schema.JOIN_KEY]: r for r in labels.to_pylist()}
+    assert all(row[schema.NOISY_LABEL] == by_key[row[schema.JOIN_KEY]][schema.NOISY_LABEL] for row in joined)

@@ -10,17 +10,16 @@ from pcvr.clean_room.app import make_client_app
 from pcvr.clean_room.dataset import load_training_data
 from pcvr.clean_room.evaluate import evaluate_split
 from pcvr.clean_room.policy import RELEASES_FILE, RoomPolicy
-from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, get_adapter_vector, predict, set_adapter_vector
 from pcvr.protocols.codecs import encode
 from pcvr.protocols.eval_messages import WEIGHTS_CODEC, EvaluateIns, EvaluateReply
 from pcvr.protocols.messages import Binding, LedgerIns, LedgerReply
 from pcvr.protocols.private_eval import room_aggregates
 from pcvr.protocols.refusals import Refusal
+from pcvr.protocols.layout import EVAL_FILE
 from support import NODE_ID, RUN_ID, clean_room_data, deliver, make_backbone, room_context, write_clean_room
 
 EVAL_ROWS = 300
-SIZES = dict(num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS))
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def test_the_reply_is_the_split_scored_with_the_weights_sent(room) -> None:
     ).aggregates
     model = attach_adapters(make_backbone(), seed=0)
     set_adapter_vector(model, torch.from_numpy(vector))
-    data = load_training_data(room / "eps=3" / "eval.parquet", **SIZES)
+    data = load_training_data(room / "eps=3" / EVAL_FILE)
     expected = room_aggregates(predict(model, data.features), data.noisy_labels.numpy(), data.flip_probs.numpy(), min_rows=64)
     assert got.rows == EVAL_ROWS
     for name, value in expected.to_dict().items():
@@ -65,7 +64,7 @@ def test_the_reply_is_the_split_scored_with_the_weights_sent(room) -> None:
 
 
 def test_a_room_without_a_held_out_split_refuses_with_its_code(room) -> None:
-    (room / "eps=3" / "eval.parquet").unlink()
+    (room / "eps=3" / EVAL_FILE).unlink()
     assert ask(room, instruction(weights(1))).error.code == Refusal.NO_HOLDOUT
 
 

@@ -6,15 +6,15 @@ import json
 
 import numpy as np
 
-from pcvr.clean_room.app import ACCOUNTANT_FILE, make_client_app
+from pcvr.clean_room.app import make_client_app
 from pcvr.clean_room.dataset import load_training_data
 from pcvr.clean_room.policy import RoomPolicy
 from pcvr.clean_room.session import load_state
 from pcvr.clean_room.task import batch_gradient, batch_indices, local_update
-from pcvr.data import schema
 from pcvr.models.cvr import attach_adapters, get_adapter_vector
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
+from pcvr.protocols.layout import ACCOUNTANT_FILE, CleanRoomDir
 from pcvr.protocols.messages import Binding, TrainReply
 from support import NODE_ID, RUN_ID, deliver, fields_of, make_backbone, room_context, train_instruction, write_clean_room
 
@@ -39,10 +39,7 @@ def test_the_reply_is_the_weight_change_of_its_local_steps(tmp_path) -> None:
 
     # the same steps, computed here: the batches of steps 1..3 of the clean room's private order
     model = attach_adapters(make_backbone(), seed=0)
-    data = load_training_data(
-        tmp_path / "room" / "eps=3" / "train.parquet",
-        num_categorical=len(schema.CATEGORICAL_FIELDS), num_dense=len(schema.DENSE_FIELDS),
-    )
+    data = load_training_data(CleanRoomDir(tmp_path / "room").label_set("eps=3").train)
     batches = [batch_indices(len(data), round_=k, batch_size=BATCH, seed=0, clean_room_id=0) for k in (1, 2, 3)]
     steps = [lambda i=i: batch_gradient(model, data, i, correction=Correction.FORWARD, min_batch_size=BATCH) for i in batches]
     expected = local_update(model, steps, learning_rate=0.05, moments=None)

@@ -9,6 +9,7 @@ from pcvr.clean_room.policy import RoomPolicy
 from pcvr.models.cvr import backbone_digest
 from pcvr.protocols.messages import Binding, PreflightIns, PreflightReply
 from pcvr.protocols.refusals import Refusal
+from pcvr.protocols.layout import TRAIN_FILE
 from support import NODE_ID, RUN_ID, deliver, make_backbone, room_context, write_clean_room
 
 BINDING = Binding(run_id=RUN_ID, round=0, node_id=NODE_ID)
@@ -57,7 +58,7 @@ def test_a_garbage_backbone_fails_with_the_fixed_code(room) -> None:
 
 
 def test_unreadable_training_rows_fail_with_the_fixed_code(room) -> None:
-    (room / "eps=3" / "train.parquet").write_bytes(b"PAR1 garbage")
+    (room / "eps=3" / TRAIN_FILE).write_bytes(b"PAR1 garbage")
     assert ask(room).refusal == Refusal.FAILED
 
 

@@ -1,4 +1,4 @@
-"""Validated table reading and atomic Parquet writing (pcvr.data.io)."""
+"""pcvr's own files (pcvr.data.io): checked, memory-mapped Arrow IPC reading and atomic writing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pcvr.data.io import DataError, Kind, read_table, require_unique, require_values_in, write_parquet_atomic
+from pcvr.data.io import DataError, Kind, iter_ipc, read_ipc, staged, write_ipc, write_parquet_atomic
 
 COLUMNS = {"key": Kind.STRING, "count": Kind.INTEGER, "score": Kind.FLOAT}
 
@@ -23,8 +23,9 @@ def _assert_names(error: Exception, path: Path, field: str, row: int | None = No
         assert re.search(rf"\brow {row}\b", message), message
 
 
-def _parquet(path: Path, **columns: pa.Array | list) -> Path:
-    pq.write_table(pa.table(columns), path)
+def _ipc(path: Path, *, batch_rows: int | None = None, **columns: pa.Array | list) -> Path:
+    table = pa.table(columns)
+    write_ipc(path, table.schema, table.to_batches(max_chunksize=batch_rows))
     return path
 
 
@@ -56,156 +57,127 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp_files(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
-# --- read_table -------------------------------------------------------------------------
+# --- staged ----------------------------------------------------------------------------
 
 
-def test_read_table_selects_and_orders_requested_columns(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", extra=[9, 9], score=[0.5, 1], count=[1, 2], key=["a", "b"])
-    table = read_table(path, columns=COLUMNS)
-    assert table.column_names == ["key", "count", "score"]
-    assert table.column("score").to_pylist() == [0.5, 1.0]
+def test_staged_renames_every_output_together(tmp_path):
+    a, b = tmp_path / "x" / "a.arrow", tmp_path / "b.json"
+    with staged(a, b) as (sa, sb):
+        sa.write_text("A")
+        sb.write_text("B")
+        assert not a.exists() and not b.exists()
+    assert a.read_text() == "A" and b.read_text() == "B"
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["a.arrow"]
+
+
+def test_staged_leaves_nothing_when_the_block_fails(tmp_path):
+    a, b = tmp_path / "a.arrow", tmp_path / "b.json"
+    b.write_text("old")
+    with pytest.raises(DataError):
+        with staged(a, b) as (sa, sb):
+            sa.write_text("A")
+            sb.write_text("B")
+            raise DataError("bad row")
+    assert not a.exists() and b.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+# --- iter_ipc / read_ipc ----------------------------------------------------------------
+
+
+def test_iter_ipc_streams_batches_with_their_first_row(tmp_path):
+    path = _ipc(tmp_path / "t.arrow", batch_rows=4, extra=list(range(10)), score=[0.5] * 10, count=list(range(10)), key=list("abcdefghij"))
+    batches = list(iter_ipc(path, columns=COLUMNS))
+    assert [start for start, _ in batches] == [0, 4, 8]
+    assert batches[1][1].schema.names == ["key", "count", "score"]
+    assert batches[2][1].column("count").to_pylist() == [8, 9]
+
+
+def test_read_ipc_is_memory_mapped_not_copied(tmp_path):
+    n = 200_000
+    path = _ipc(tmp_path / "t.arrow", key=["k"] * n, count=list(range(n)), score=[0.5] * n)
+    before = pa.total_allocated_bytes()
+    table = read_ipc(path, columns=COLUMNS)
+    assert pa.total_allocated_bytes() - before < 10_000  # the buffers are the mapped file's pages
+    assert table.column("count")[n - 1].as_py() == n - 1
+    with pa.OSFile(str(path)) as handle:  # control: reading the same file into memory allocates its size
+        copied = pa.ipc.open_file(handle).read_all()
+    assert pa.total_allocated_bytes() - before > 8 * n
+    assert copied.equals(table)
 
 
 def test_integers_are_accepted_as_floats(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", key=["a"], count=[1], score=[7])
-    assert read_table(path, columns=COLUMNS).column("score").to_pylist() == [7]
+    path = _ipc(tmp_path / "t.arrow", key=["a"], count=[1], score=[7])
+    assert next(iter_ipc(path, columns=COLUMNS))[1].column("score").to_pylist() == [7]
 
 
 def test_binary_kind(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", k=pa.array([b"\x00" * 32], type=pa.binary(32)))
-    assert read_table(path, columns={"k": Kind.BINARY}).num_rows == 1
+    path = _ipc(tmp_path / "t.arrow", k=pa.array([b"\x00" * 32], type=pa.binary(32)))
+    assert len(list(iter_ipc(path, columns={"k": Kind.BINARY}))) == 1
     with pytest.raises(DataError):
-        read_table(path, columns={"k": Kind.STRING})
+        list(iter_ipc(path, columns={"k": Kind.STRING}))
 
 
 def test_allow_infinite_lets_inf_through_but_rejects_nan(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", key=["a", "b", "c"], count=[1, 2, 3], score=[0.1, math.inf, -math.inf])
-    table = read_table(path, columns=COLUMNS, allow_infinite=("score",))
-    assert table.column("score").to_pylist() == [0.1, math.inf, -math.inf]
-
-    nan_path = _parquet(tmp_path / "nan.parquet", key=["a", "b", "c"], count=[1, 2, 3], score=[math.inf, 0.2, math.nan])
+    path = _ipc(tmp_path / "t.arrow", key=["a", "b", "c"], count=[1, 2, 3], score=[0.1, math.inf, -math.inf])
+    assert list(iter_ipc(path, columns=COLUMNS, allow_infinite=("score",)))[0][1].column("score").to_pylist() == [0.1, math.inf, -math.inf]
+    nan_path = _ipc(tmp_path / "nan.arrow", key=["a", "b", "c"], count=[1, 2, 3], score=[math.inf, 0.2, math.nan])
     with pytest.raises(DataError) as excinfo:
-        read_table(nan_path, columns=COLUMNS, allow_infinite=("score",))
+        list(iter_ipc(nan_path, columns=COLUMNS, allow_infinite=("score",)))
     _assert_names(excinfo.value, nan_path, "score", row=2)
 
 
 def test_infinite_rejected_unless_allowed(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", key=["a", "b"], count=[1, 2], score=[0.1, -math.inf])
+    path = _ipc(tmp_path / "t.arrow", key=["a", "b"], count=[1, 2], score=[0.1, -math.inf])
     with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
+        list(iter_ipc(path, columns=COLUMNS))
     _assert_names(excinfo.value, path, "score", row=1)
-    # allow_infinite is per column: another column's exemption does not help.
     with pytest.raises(DataError):
-        read_table(path, columns=COLUMNS, allow_infinite=("count",))
+        list(iter_ipc(path, columns=COLUMNS, allow_infinite=("count",)))
 
 
-def test_null_named_with_row_across_row_groups(tmp_path):
-    path = tmp_path / "t.parquet"
+def test_null_named_with_its_row_across_batches(tmp_path):
     counts = list(range(20))
     counts[13] = None
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(20)], "count": counts, "score": [0.0] * 20}), path, row_group_size=5)
-    assert pq.ParquetFile(path).num_row_groups == 4
+    path = _ipc(tmp_path / "t.arrow", batch_rows=5, key=[f"k{i}" for i in range(20)], count=counts, score=[0.0] * 20)
     with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
+        list(iter_ipc(path, columns=COLUMNS))
     _assert_names(excinfo.value, path, "count", row=13)
 
 
-def test_missing_column_is_named(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", key=["a"], score=[0.1])
+def test_missing_column_is_named_with_the_file_columns(tmp_path):
+    path = _ipc(tmp_path / "t.arrow", key=["a"], score=[0.1])
     with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
+        list(iter_ipc(path, columns=COLUMNS))
     _assert_names(excinfo.value, path, "count")
+    assert "'key', 'score'" in str(excinfo.value)
 
 
 def test_wrong_type_is_named(tmp_path):
-    path = _parquet(tmp_path / "t.parquet", key=["a"], count=[1.5], score=[0.1])
+    path = _ipc(tmp_path / "t.arrow", key=["a"], count=[1.5], score=[0.1])
     with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
+        list(iter_ipc(path, columns=COLUMNS))
     _assert_names(excinfo.value, path, "count")
 
 
-def test_missing_file(tmp_path):
-    path = tmp_path / "absent.parquet"
-    with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
-    assert str(path) in str(excinfo.value)
+def test_missing_file_and_no_rows(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        list(iter_ipc(tmp_path / "absent.arrow", columns=COLUMNS))
+    empty = pa.table({"key": pa.array([], pa.string()), "count": pa.array([], pa.int64()), "score": pa.array([], pa.float64())})
+    write_ipc(tmp_path / "empty.arrow", empty.schema, [])
+    with pytest.raises(DataError, match="has no rows"):
+        list(iter_ipc(tmp_path / "empty.arrow", columns=COLUMNS))
 
 
-def test_unreadable_parquet_gives_one_line(tmp_path):
-    path = tmp_path / "garbage.parquet"
-    path.write_bytes(b"this is not parquet\n" * 10)
-    with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
-    assert str(path) in str(excinfo.value) and "\n" not in str(excinfo.value)
+@pytest.mark.parametrize("content", [b"this is not arrow\n" * 10, b"PAR1 garbage"])
+def test_unreadable_file_gives_one_line(tmp_path, content):
+    path = tmp_path / "garbage.arrow"
+    path.write_bytes(content)
+    for read in (lambda: list(iter_ipc(path, columns=COLUMNS)), lambda: read_ipc(path)):
+        with pytest.raises(DataError) as excinfo:
+            read()
+        assert str(path) in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
-
-
-# --- CSV --------------------------------------------------------------------------------
-
-
-def test_csv_string_columns_stay_strings(tmp_path):
-    path = tmp_path / "t.csv"
-    path.write_text("key,count,score\n00123,1,0.5\n7,2,1\n")
-    table = read_table(path, columns=COLUMNS)
-    assert table.column("key").to_pylist() == ["00123", "7"]
-    assert table.schema.field("key").type == pa.string()
-
-
-def test_csv_missing_integer_named_with_row(tmp_path):
-    path = tmp_path / "t.csv"
-    path.write_text("key,count,score\na,1,0.5\nb,,0.5\n")
-    with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
-    _assert_names(excinfo.value, path, "count", row=1)
-
-
-def test_csv_nan_float_named_with_row(tmp_path):
-    path = tmp_path / "t.csv"
-    path.write_text("key,count,score\na,1,0.5\nb,2,0.25\nc,3,NaN\n")
-    with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS, allow_infinite=("score",))
-    _assert_names(excinfo.value, path, "score", row=2)
-
-
-def test_csv_empty_string_field_is_a_missing_value(tmp_path):
-    """An empty CSV field in a string column is a missing value, like one in any other column."""
-    path = tmp_path / "t.csv"
-    path.write_text("key,count,score\na,1,0.5\n,2,0.5\n")
-    with pytest.raises(DataError) as excinfo:
-        read_table(path, columns=COLUMNS)
-    _assert_names(excinfo.value, path, "key", row=1)
-
-
-def test_csv_header_only_and_zero_bytes(tmp_path):
-    header_only = tmp_path / "header.csv"
-    header_only.write_text("key,count,score\n")
-    empty = tmp_path / "empty.csv"
-    empty.write_bytes(b"")
-    for path in (header_only, empty):
-        with pytest.raises(DataError) as excinfo:
-            read_table(path, columns=COLUMNS)
-        assert str(path) in str(excinfo.value) and "\n" not in str(excinfo.value)
-
-
-# --- require_unique / require_values_in -------------------------------------------------
-
-
-def test_require_unique_names_first_repeat(tmp_path):
-    table = pa.table({"key": ["a", "b", "c", "b", "a"]})
-    require_unique(pa.table({"key": ["a", "b", "c"]}), "key", path=tmp_path / "f")
-    with pytest.raises(DataError) as excinfo:
-        require_unique(table, "key", path=tmp_path / "f")
-    message = str(excinfo.value)
-    assert re.search(r"\brow 3\b", message) and "key" in message and "'b'" in message
-
-
-def test_require_values_in_names_first_bad_row(tmp_path):
-    table = pa.table({"level": ["low", "high", "mid", "huge"]})
-    require_values_in(pa.table({"level": ["low", "high"]}), "level", ("low", "high", "mid"), path=tmp_path / "f")
-    with pytest.raises(DataError) as excinfo:
-        require_values_in(table, "level", ("low", "high", "mid"), path=tmp_path / "f")
-    message = str(excinfo.value)
-    assert re.search(r"\brow 3\b", message) and "'level'" in message and "'huge'" in message

@@ -9,9 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pcvr.advertiser.handoff import read_conversions
-from pcvr.data import schema
-from pcvr.data.synth import WorldConfig, synthesize
+from pcvr.advertiser.handoff import iter_conversions
+from pcvr.data import synth as schema
+from pcvr.data.encoding import fit_encoding
+from pcvr.data.spec import DatasetSpec
+from pcvr.data.synth import WorldConfig, advertiser_spec_path, holdout_spec_path, synthesize
 
 TINY = dict(rows=3000, users=500, chunk_rows=1000, pretrain_rows=2000, holdout_rows=1000)
 PARQUET_FILES = (
@@ -24,6 +26,7 @@ PARQUET_FILES = (
     "advertiser_2/conversions.parquet",
     "holdout.parquet",
 )
+SPEC_FILES = ("advertiser_0.toml", "advertiser_1.toml", "advertiser_2.toml", "holdout.toml")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def _files(out_dir: Path) -> set[str]:
 
 def test_writes_documented_files_and_nothing_else(worlds):
     out_dir, _ = worlds["a"]
-    assert _files(out_dir) == set(PARQUET_FILES) | {"world.json"}
+    assert _files(out_dir) == set(PARQUET_FILES) | set(SPEC_FILES) | {"world.json"}
     # The staging directory was renamed into place, not left beside it.
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["a", "a_again", "b"]
 
@@ -73,10 +76,28 @@ def test_click_ids_unique_across_the_world(worlds):
     assert len(ids) == len(set(ids)) == 2000 + 1000 + 3000
 
 
-def test_conversions_pass_the_advertiser_reader(worlds):
+def test_conversions_pass_the_advertiser_reader_through_their_spec(worlds):
     out_dir, _ = worlds["a"]
     for k in range(3):
-        read_conversions(out_dir / f"advertiser_{k}/conversions.parquet")
+        spec = DatasetSpec.load(advertiser_spec_path(out_dir, k))
+        assert spec.conversions.paths == (out_dir / f"advertiser_{k}" / "conversions.parquet",)
+        parts = list(iter_conversions(spec, join_secret=b"j" * 32))
+        labels = np.concatenate([part.labels for part in parts])
+        expected = pq.read_table(spec.conversions.paths[0]).column(schema.CONVERTED).to_numpy()
+        assert labels.tolist() == expected.tolist()
+
+
+def test_specs_describe_the_files_beside_them(worlds):
+    out_dir, _ = worlds["a"]
+    spec = DatasetSpec.load(advertiser_spec_path(out_dir, 1))
+    assert spec.features.paths == (out_dir / "platform" / "features" / "advertiser_1.parquet",)
+    assert spec.pretrain.paths == (out_dir / "platform" / "pretrain.parquet",)
+    assert spec.features.columns == (*schema.CATEGORICAL_FIELDS, *schema.DENSE_FIELDS)
+    holdout = DatasetSpec.load(holdout_spec_path(out_dir))
+    assert holdout.pretrain.paths == (out_dir / "holdout.parquet",) and holdout.conversions is None
+    assert holdout.features.digest() == spec.features.digest()  # the backbone's encoding reads the holdout too
+    encoding = fit_encoding(spec)  # every file the spec names reads with the spec's own columns
+    assert len(encoding.buckets) == len(schema.CATEGORICAL_FIELDS) and encoding.num_dense == len(schema.DENSE_FIELDS)
 
 
 def test_same_seed_gives_identical_contents(worlds):

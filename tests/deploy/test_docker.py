@@ -20,7 +20,7 @@ import yaml
 from pcvr.cli import _parser
 from pcvr.deploy.certs import CertLayout, make_certs
 from pcvr.deploy.local import superexec_command, superlink_command, supernode_command
-from pcvr.platform.app import backbone_dir, holdout_path
+from pcvr.protocols.layout import PlatformDir
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 COMPOSE_FILES = ("compose.yml", "platform/compose.yml", "clean-room/compose.yml")
@@ -131,7 +131,7 @@ def test_every_path_a_command_uses_is_mounted_and_every_read_only_file_exists(en
                 if read_only or state not in source.parents:
                     assert source.exists(), f"{where}: mounts {source}, which pcvr prepare / pcvr certs did not make"
             command = service["command"]
-            seen_by_serverapp = {command[i + 1] for i, w in enumerate(command) if w == "--work-dir"}  # checked below
+            seen_by_serverapp = {command[i + 1] for i, w in enumerate(command) if w == "--platform-dir"}  # checked below
             for word in [w for w in command if w.startswith("/") and w not in seen_by_serverapp]:
                 path = Path(word)
                 assert _inside(path, mounts) or _inside(path.parent, mounts), f"{where}: {path} is not mounted"
@@ -144,8 +144,8 @@ def test_every_path_a_command_uses_is_mounted_and_every_read_only_file_exists(en
                     assert not _inside(Path(directory), mounts), f"{where}: the SuperNode needs no clean-room data"
     serverapp = _mounts(_services("platform/compose.yml", env)["serverapp"])
     train = _services("platform/compose.yml", env)["train"]["command"]
-    data_dir = Path(train[train.index("--work-dir") + 1])
-    for needed in (backbone_dir(data_dir) / "backbone.pt", holdout_path(data_dir)):  # what the ServerApp reads
+    platform = PlatformDir(Path(train[train.index("--platform-dir") + 1]))
+    for needed in (platform.backbone / "backbone.pt", platform.oracle_holdout):  # what the ServerApp reads
         assert _inside(needed, serverapp) or _inside(needed.parent, serverapp), needed
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from pcvr.data.synth import WorldConfig, world_spec
 from pcvr.models.cvr import (
+    CVRNet,
     GatedLoRALinear,
     ModelConfig,
+    ModelShape,
     adapter_grad_vector,
     adapter_parameters,
     attach_adapters,
@@ -134,7 +138,8 @@ def test_attach_adapters_seeded_and_leaves_global_rng_alone() -> None:
 
 
 def test_default_config_adapters_are_at_most_3_percent_of_backbone() -> None:
-    config = ModelConfig()
+    features = world_spec(Path("world"), WorldConfig(), advertiser=0).features  # the default synthetic world
+    config = ModelConfig(buckets=tuple(c.buckets for c in features.categorical), num_dense=len(features.dense))
     backbone = make_backbone(config)
     counts = parameter_counts(attach_adapters(backbone))
     assert counts["backbone"] == sum(p.numel() for p in backbone.parameters())
@@ -242,10 +247,30 @@ def test_save_and_load_backbone_round_trip(tmp_path) -> None:
         assert torch.equal(attach_adapters(loaded)(features), backbone(features))
 
 
-def test_model_config_validates() -> None:
-    with pytest.raises(ValueError, match="buckets"):
-        ModelConfig(buckets=(10, 10))
+def test_config_for_an_encoding_takes_its_columns_and_the_shape() -> None:
+    from pcvr.data.encoding import FeatureEncoding
+    from pcvr.data.spec import CategoricalColumn, CategoricalMissing, DenseColumn
+
+    encoding = FeatureEncoding(
+        categorical=(CategoricalColumn("a", 10, CategoricalMissing.BUCKET), CategoricalColumn("b", 5, CategoricalMissing.ERROR)),
+        dense=(DenseColumn("x"),),
+        means=(0.0,),
+        stds=(1.0,),
+        spec_digest="d",
+    )
+    config = ModelConfig.for_encoding(encoding, ModelShape(embedding_dim=3))
+    assert config.buckets == (11, 5)  # a missing-value bucket of its own for "a"
+    assert config.num_dense == 1 and config.embedding_dim == 3 and config.shape == ModelShape(embedding_dim=3)
+
+
+def test_model_config_takes_any_number_of_columns_and_validates() -> None:
+    for buckets, num_dense in (((10, 10), 0), ((), 3), ((7,) * 20, 40)):
+        model = CVRNet(ModelConfig(buckets=buckets, num_dense=num_dense, embedding_dim=4, mlp_dims=(8,)))
+        features = EncodedFeatures(torch.zeros(5, len(buckets), dtype=torch.int64), torch.zeros(5, num_dense))
+        assert model(features).shape == (5,)
+    with pytest.raises(ValueError, match="at least one"):
+        ModelConfig(buckets=(), num_dense=0)
     with pytest.raises(ValueError):
-        ModelConfig(buckets=(0, 1, 1, 1, 1, 1, 1, 1))
+        ModelConfig(buckets=(0, 1, 1, 1, 1, 1, 1, 1), num_dense=18)
     with pytest.raises(ValueError):
         dataclasses.replace(TINY, lora_rank=0)

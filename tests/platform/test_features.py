@@ -1,202 +1,130 @@
-"""Tests of pcvr.platform.features: reading feature logs and exporting them to a clean room."""
+"""Tests of pcvr.platform.features: the platform's export to a clean room, and labelled sets."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pcvr.data import schema
-from pcvr.data.io import DataError
-from pcvr.models.features import cat_column, dense_column, hash_buckets
-from pcvr.platform.features import export_for_clean_room, read_features, read_labelled
+from pcvr.data.encoding import FeatureEncoding, column_salt, fit_encoding, hash_strings
+from pcvr.data.io import DataError, read_ipc
+from pcvr.data.spec import DatasetSpec
+from pcvr.models.features import cat_column, dense_column
+from pcvr.platform.features import export_features, read_labelled
+from pcvr.platform.pretrain import pretrain_from_spec
 from pcvr.protocols.keys import pseudonymous_keys
+from userdata import click_log, write_table, write_user_files
 
-BUCKETS = (97, 31, 11, 5, 7, 3, 5, 3)
 SECRET = bytes(range(32))
-RAW_ID_FLOOR = 10**11  # raw ids far above any bucket index, so they cannot hide among the encoded values
 
 
-def feature_log(n: int, *, seed: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    columns: dict[str, object] = {schema.CLICK_ID: [f"clk-{seed}-{i:06d}" for i in range(n)]}
-    for name in schema.CATEGORICAL_FIELDS:
-        columns[name] = rng.integers(RAW_ID_FLOOR, RAW_ID_FLOOR + 10**6, size=n, dtype=np.int64)
-    for name in schema.DENSE_FIELDS:
-        columns[name] = rng.normal(size=n)
-    columns[schema.TIMESTAMP] = rng.integers(1_767_225_600, 1_767_225_600 + 86_400, size=n)
-    return pa.table(columns)
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    """A user's files and the backbone pretrained on them (one epoch, tiny)."""
+    root = tmp_path_factory.mktemp("platform")
+    spec = write_user_files(root / "data", rows=300)
+    encoding = pretrain_from_spec(spec, root / "backbone", epochs=1, generator=torch.Generator().manual_seed(0))
+    return root, spec, encoding
 
 
-def write(table: pa.Table, path: Path) -> Path:
-    if path.suffix == ".csv":
-        pacsv.write_csv(table, path)
-    else:
-        pq.write_table(table, path)
-    return path
-
-
-# --- export_for_clean_room -------------------------------------------------------------------
-
-
-def test_export_has_join_key_and_encoded_columns_only(tmp_path) -> None:
-    log = feature_log(40)
-    source = write(log, tmp_path / "features.parquet")
-    out = tmp_path / "export" / "features.parquet"
-
-    rows = export_for_clean_room(source, out, join_secret=SECRET, buckets=BUCKETS)
-
-    assert rows == 40
-    exported = pq.read_table(out)
-    expected_columns = [schema.JOIN_KEY] + [cat_column(i) for i in range(len(BUCKETS))] + [
-        dense_column(j) for j in range(len(schema.DENSE_FIELDS))
-    ]
-    assert exported.column_names == expected_columns
+def test_export_has_join_key_and_encoded_columns_only(platform, tmp_path) -> None:
+    root, spec, encoding = platform
+    out = tmp_path / "export" / "features.arrow"
+    rows = export_features(spec, backbone_dir=root / "backbone", join_secret=SECRET, out_path=out)
+    assert rows == 300
+    exported = read_ipc(out)
+    assert exported.column_names == [schema.JOIN_KEY, *(cat_column(i) for i in range(3)), dense_column(0), dense_column(1)]
     assert exported.schema.field(schema.JOIN_KEY).type == pa.binary(32)
-    keys = exported.column(schema.JOIN_KEY).to_pylist()
-    assert keys == pseudonymous_keys(log.column(schema.CLICK_ID).to_pylist(), secret=SECRET)
-    assert all(len(k) == 32 for k in keys) and len(set(keys)) == 40
-    for i, (name, size) in enumerate(zip(schema.CATEGORICAL_FIELDS, BUCKETS)):
-        expected = hash_buckets(log.column(name).to_numpy(), field_index=i, buckets=size)
-        assert exported.column(cat_column(i)).to_pylist() == expected.tolist()
-    for j, name in enumerate(schema.DENSE_FIELDS):
-        np.testing.assert_array_equal(
-            exported.column(dense_column(j)).to_numpy(), log.column(name).to_numpy().astype(np.float32)
-        )
+    log = click_log(300, seed=0)
+    assert exported.column(schema.JOIN_KEY).to_pylist() == pseudonymous_keys(log["click"], secret=SECRET)
+    # Reference encoding, column by column: the hashed string form, and the documented transforms.
+    for i, name in enumerate(("user", "ad", "site")):
+        bucket_count = encoding.categorical[i].buckets
+        expected = hash_strings(pa.array(log[name]), salt=column_salt(name)) % np.uint64(bucket_count)
+        assert exported.column(cat_column(i)).to_pylist() == expected.astype(np.int64).tolist()
+    price = np.asarray(log["price"])
+    np.testing.assert_allclose(exported.column(dense_column(0)).to_numpy(), np.log1p(price), rtol=1e-6)
+    age = np.asarray(log["age"])
+    np.testing.assert_allclose(exported.column(dense_column(1)).to_numpy(), (age - encoding.means[1]) / encoding.stds[1], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["features.arrow"]
 
 
-def test_export_contains_no_raw_id_column_or_value(tmp_path) -> None:
-    log = feature_log(60, seed=3)
-    source = write(log, tmp_path / "features.parquet")
-    out = tmp_path / "features-export.parquet"
-    export_for_clean_room(source, out, join_secret=SECRET, buckets=BUCKETS)
-
-    exported = pq.read_table(out)
-    for name in (schema.CLICK_ID, schema.USER_ID, schema.AD_ID, schema.ADVERTISER_ID, schema.TIMESTAMP):
-        assert name not in exported.column_names
-    raw_ids = set()
-    for name in schema.CATEGORICAL_FIELDS:
-        raw_ids |= set(log.column(name).to_pylist())
-    for name in exported.column_names:
-        if name != schema.JOIN_KEY:
-            assert not set(exported.column(name).to_pylist()) & raw_ids, name
-    click_ids = {c.encode() for c in log.column(schema.CLICK_ID).to_pylist()}
-    assert not set(exported.column(schema.JOIN_KEY).to_pylist()) & click_ids
-    # nor in the file's metadata (the Parquet footer is stored uncompressed)
-    metadata = exported.schema.metadata or {}
-    assert not any(name.encode() in b"".join([*metadata.keys(), *metadata.values()]) for name in ("click_id", "user_id"))
+def test_export_contains_no_raw_id(platform, tmp_path) -> None:
+    root, spec, _ = platform
+    out = tmp_path / "features.arrow"
+    export_features(spec, backbone_dir=root / "backbone", join_secret=SECRET, out_path=out)
     blob = out.read_bytes()
-    for name in (schema.CLICK_ID, schema.USER_ID, schema.AD_ID):
-        assert name.encode() not in blob
+    assert b"ad-" not in blob and b"c17" not in blob and b"u1" not in blob
 
 
-def test_export_join_key_depends_on_secret_and_matches_advertiser_side(tmp_path) -> None:
-    log = feature_log(10, seed=5)
-    source = write(log, tmp_path / "features.parquet")
-    export_for_clean_room(source, tmp_path / "a.parquet", join_secret=SECRET, buckets=BUCKETS)
-    export_for_clean_room(source, tmp_path / "b.parquet", join_secret=b"another-secret-of-32-bytes-long!", buckets=BUCKETS)
-    keys_a = pq.read_table(tmp_path / "a.parquet").column(schema.JOIN_KEY).to_pylist()
-    keys_b = pq.read_table(tmp_path / "b.parquet").column(schema.JOIN_KEY).to_pylist()
-    assert not set(keys_a) & set(keys_b)
+def test_export_is_the_same_whatever_the_chunk_size_and_format(platform, tmp_path) -> None:
+    root, spec, _ = platform
+    export_features(spec, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / "a.arrow")
+    small = dataclasses.replace(spec, features=dataclasses.replace(spec.features, chunk_rows=7))
+    export_features(small, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / "b.arrow")
+    parquet = write_table(click_log(300, seed=0), tmp_path / "clicks.parquet")
+    as_parquet = dataclasses.replace(spec, features=dataclasses.replace(spec.features, paths=(parquet,), format=spec.features.format.PARQUET))
+    export_features(as_parquet, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / "c.arrow")
+    assert read_ipc(tmp_path / "a.arrow").equals(read_ipc(tmp_path / "b.arrow"))
+    assert read_ipc(tmp_path / "a.arrow").equals(read_ipc(tmp_path / "c.arrow"))
 
 
-def test_export_from_csv_keeps_click_ids_as_strings(tmp_path) -> None:
-    log = feature_log(5, seed=1)
-    click_ids = ["007", "7", "0070", "1e3", "000"]  # would collide or change if parsed as numbers
-    log = log.set_column(0, schema.CLICK_ID, pa.array(click_ids))
-    source = write(log, tmp_path / "features.csv")
-    out = tmp_path / "export.parquet"
-    assert export_for_clean_room(source, out, join_secret=SECRET, buckets=BUCKETS) == 5
-    keys = pq.read_table(out).column(schema.JOIN_KEY).to_pylist()
-    assert keys == pseudonymous_keys(click_ids, secret=SECRET)
+def test_int_and_string_forms_of_a_categorical_share_a_bucket(platform, tmp_path) -> None:
+    """An int column in one file and the same values as strings in another land in the same buckets."""
+    root, spec, _ = platform
+    log = click_log(50, seed=3)
+    as_int = {**log, "user": [int(u[1:]) for u in log["user"]]}
+    as_str = {**log, "user": [u[1:] for u in log["user"]]}
+    outputs = []
+    for name, columns in (("int", as_int), ("str", as_str)):
+        path = write_table(columns, tmp_path / f"{name}.parquet")
+        one = dataclasses.replace(spec, features=dataclasses.replace(spec.features, paths=(path,), format=spec.features.format.PARQUET))
+        export_features(one, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / f"{name}.arrow")
+        outputs.append(read_ipc(tmp_path / f"{name}.arrow").column(cat_column(0)).to_pylist())
+    assert outputs[0] == outputs[1]
 
 
-def test_export_of_bad_log_writes_nothing(tmp_path) -> None:
-    log = feature_log(6)
-    log = log.set_column(0, schema.CLICK_ID, pa.array(["a", "b", "c", "d", "b", "e"]))
-    source = write(log, tmp_path / "features.parquet")
-    out = tmp_path / "export" / "features.parquet"
-    with pytest.raises(DataError):
-        export_for_clean_room(source, out, join_secret=SECRET, buckets=BUCKETS)
-    assert not out.exists()
-    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+def test_join_key_depends_on_the_secret(platform, tmp_path) -> None:
+    root, spec, _ = platform
+    export_features(spec, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / "a.arrow")
+    export_features(spec, backbone_dir=root / "backbone", join_secret=b"another-secret-of-32-bytes-long!", out_path=tmp_path / "b.arrow")
+    a = set(read_ipc(tmp_path / "a.arrow").column(schema.JOIN_KEY).to_pylist())
+    assert not a & set(read_ipc(tmp_path / "b.arrow").column(schema.JOIN_KEY).to_pylist())
 
 
-# --- read_features ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_read_features_rejects_duplicate_click_ids_naming_file_and_row(tmp_path, suffix: str) -> None:
-    log = feature_log(6)
-    log = log.set_column(0, schema.CLICK_ID, pa.array(["a", "b", "c", "d", "b", "e"]))
-    source = write(log, tmp_path / f"features{suffix}")
-    with pytest.raises(DataError) as caught:
-        read_features(source)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert str(source) in message
-    assert "row 4" in message
-    assert schema.CLICK_ID in message
-
-
-def test_read_features_returns_the_validated_columns(tmp_path) -> None:
-    log = feature_log(8)
-    extra = log.append_column("unused", pa.array(np.zeros(8)))
-    table = read_features(write(extra, tmp_path / "features.parquet"))
-    assert table.column_names == [schema.CLICK_ID, *schema.CATEGORICAL_FIELDS, *schema.DENSE_FIELDS, schema.TIMESTAMP]
-    assert table.num_rows == 8
-    assert table.column(schema.CLICK_ID).to_pylist() == log.column(schema.CLICK_ID).to_pylist()
-
-
-@pytest.mark.parametrize(
-    "mutation, field",
-    [
-        ("missing-column", schema.AD_ID),
-        ("nan-dense", schema.DENSE_FIELDS[2]),
-        ("float-categorical", schema.USER_ID),
-    ],
-)
-def test_read_features_rejects_bad_columns(tmp_path, mutation: str, field: str) -> None:
-    log = feature_log(5)
-    index = log.schema.get_field_index(field)
-    if mutation == "missing-column":
-        log = log.remove_column(index)
-    elif mutation == "nan-dense":
-        values = log.column(field).to_numpy().copy()
-        values[3] = np.nan
-        log = log.set_column(index, field, pa.array(values))
-    else:
-        log = log.set_column(index, field, pa.array(log.column(field).to_numpy().astype(np.float64)))
-    source = write(log, tmp_path / "features.parquet")
-    with pytest.raises(DataError) as caught:
-        read_features(source)
-    assert str(source) in str(caught.value) and field in str(caught.value)
-
-
-# --- read_labelled ---------------------------------------------------------------------------
-
-
-def test_read_labelled_encodes_features_and_reads_truth(tmp_path) -> None:
-    log = feature_log(12, seed=2)
-    labels = np.array([0, 1] * 6, dtype=np.int8)
-    truth = np.linspace(0.01, 0.5, 12)
-    table = log.append_column(schema.LABEL, pa.array(labels)).append_column(schema.TRUE_PROB, pa.array(truth))
-    features, got_labels, got_truth = read_labelled(write(table, tmp_path / "holdout.parquet"), buckets=BUCKETS)
-    assert got_labels.tolist() == labels.tolist()
-    np.testing.assert_array_equal(got_truth, truth)
-    assert features.categorical.dtype == torch.int64 and features.categorical.shape == (12, len(BUCKETS))
-    expected = hash_buckets(log.column(schema.AD_ID).to_numpy(), field_index=1, buckets=BUCKETS[1])
-    assert features.categorical[:, 1].tolist() == expected.tolist()
+def test_read_labelled_encodes_features_and_labels(platform) -> None:
+    root, spec, _ = platform
+    encoding = FeatureEncoding.load(root / "backbone")
+    features, labels, truth = read_labelled(spec, encoding, truth_column="price")
+    assert features.categorical.shape == (600, 3) and features.dense.shape == (600, 2)
+    assert labels.dtype == np.int8 and labels.tolist() == click_log(600, seed=1, prefix="p", with_label=True)["clicked"]
+    np.testing.assert_allclose(truth, click_log(600, seed=1, prefix="p")["price"])
+    assert read_labelled(spec, encoding)[2] is None
 
 
 def test_read_labelled_single_class_raises(tmp_path) -> None:
-    log = feature_log(4)
-    table = log.append_column(schema.LABEL, pa.array(np.zeros(4, dtype=np.int8)))
-    path = write(table, tmp_path / "holdout.parquet")
+    spec = write_user_files(tmp_path, rows=20)
+    columns = click_log(40, seed=1, prefix="p", with_label=True)
+    columns["clicked"] = [0] * 40
+    write_table(columns, tmp_path / "pretrain.csv")
     with pytest.raises(DataError, match="single class"):
-        read_labelled(path, buckets=BUCKETS)
+        read_labelled(spec, fit_encoding(spec))
+
+
+def test_spec_that_does_not_match_the_backbone_is_refused(platform, tmp_path) -> None:
+    root, spec, _ = platform
+    changed = DatasetSpec.load(spec.source)
+    text = spec.source.read_text().replace("buckets = 200", "buckets = 300")
+    (tmp_path / "other.toml").write_text(text.replace('"clicks.csv"', f'"{spec.features.paths[0]}"'))
+    changed = DatasetSpec.load(tmp_path / "other.toml")
+    out = tmp_path / "features.arrow"
+    with pytest.raises(DataError) as caught:
+        export_features(changed, backbone_dir=root / "backbone", join_secret=SECRET, out_path=out)
+    message = str(caught.value)
+    assert "\n" not in message and str(changed.source) in message and "features.categorical[0]" in message
+    assert "'user'" in message and "encoding.json" in message
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "other.toml"]

@@ -148,3 +148,21 @@ def test_a_node_that_claims_another_clean_rooms_id_fails_the_pre_flight_check(mo
 def test_a_malformed_node_list_is_refused_naming_the_entry(nodes):
     with pytest.raises(ValueError, match="clean-room-nodes"):
         RunConfig(clean_rooms=2, clean_room_nodes=nodes)
+
+
+def test_without_true_labels_the_runs_final_figures_are_the_private_evaluation():
+    """A real platform has no oracle holdout: `final` is the clean rooms' de-biased estimate, said so."""
+    from pcvr.platform.app import final_figures
+    from pcvr.platform.training import PrivateEvaluation, RunLog
+    from pcvr.protocols.private_eval import Estimate, PrivateMetrics
+
+    metrics = PrivateMetrics(
+        auc=Estimate(0.71, 0.02), ne=Estimate(0.93, 0.01), calibration=Estimate(1.04, 0.05),
+        positive_rate=Estimate(0.03, 0.002), rows=5000, rooms=2,
+    )
+    private = RunLog(private=PrivateEvaluation(round=20, metrics=metrics, rooms={"clean room 0": "ok", "clean room 1": "ok"}))
+    assert final_figures(private) == {"round": 20, "auc": 0.71, "ne": 0.93, "calibration": 1.04, "evaluated_on": "private evaluation"}
+    oracle = RunLog(evaluations=[{"round": 20, "train_s": 1.0, "auc": 0.8, "ne": 0.9, "calibration": 1.0}], private=private.private)
+    assert final_figures(oracle)["evaluated_on"] == "oracle holdout" and final_figures(oracle)["auc"] == 0.8
+    refused = RunLog(private=PrivateEvaluation(round=20, metrics=None, rooms={"clean room 0": "no reply"}, unavailable="no reply"))
+    assert final_figures(refused) is None  # no figure stands in for an evaluation that did not happen

@@ -12,6 +12,7 @@ from pcvr.platform.federation import collect_private_evaluation
 from pcvr.platform.training import Participation, format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.run_config import RunConfig
+from pcvr.protocols.layout import EVAL_FILE
 from support import RUN_ID, InProcessGrid, make_backbone, room_context, write_clean_room
 
 NODES = (2**40 + 7, 2**40 + 8)
@@ -52,7 +53,7 @@ def test_every_room_answers_and_the_estimate_is_over_both_splits(rooms) -> None:
 
 def test_a_room_that_refuses_leaves_no_estimate_and_is_named(rooms) -> None:
     directory, contexts = rooms
-    (directory / "room1" / "eps=3" / "eval.parquet").unlink()
+    (directory / "room1" / "eps=3" / EVAL_FILE).unlink()
     result = run(contexts)
     assert result.metrics is None
     assert result.rooms["clean room 0"] == "ok"

@@ -23,7 +23,7 @@ def test_round_trip_defaults():
 
 def test_round_trip_every_field_changed():
     config = RunConfig(
-        data_dir=Path("/data/world"),
+        platform_dir=Path("/data/platform"),
         label_set="eps=1",
         run_dir=Path("out/run-7"),
         num_rounds=3,
@@ -54,7 +54,7 @@ def test_round_trip_every_field_changed():
     flat = config.to_run_config()
     assert set(flat) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
     assert all(isinstance(v, (str, int, float)) for v in flat.values())
-    assert flat["correction"] == "backward" and flat["data-dir"] == "/data/world"
+    assert flat["correction"] == "backward" and flat["platform-dir"] == "/data/platform"
     assert flat["codec"] == "topk:0.05+q4" and flat["record-payloads"] is True
     assert RunConfig.from_run_config(flat) == config
     # what `flwr run --run-config` hands over for strings and booleans
@@ -88,8 +88,8 @@ def test_partial_config_keeps_defaults():
 
 
 def test_string_values_are_converted():
-    config = RunConfig.from_run_config({"num-rounds": "7", "learning-rate": "0.1", "data-dir": "d"})
-    assert config.num_rounds == 7 and config.learning_rate == 0.1 and config.data_dir == Path("d")
+    config = RunConfig.from_run_config({"num-rounds": "7", "learning-rate": "0.1", "platform-dir": "d"})
+    assert config.num_rounds == 7 and config.learning_rate == 0.1 and config.platform_dir == Path("d")
 
 
 def test_pyproject_app_config_matches_dataclass_defaults():
