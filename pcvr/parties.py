@@ -20,13 +20,12 @@ import json
 import logging
 import os
 import shutil
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pcvr.data.io import DataError, write_bytes_atomic, write_json_atomic
-from pcvr.protocols.layout import RESULT_FILE, CleanRoomDir, ExportDir, HandoffDir, PlatformDir, claim
+from pcvr.protocols.layout import CleanRoomDir, ExportDir, HandoffDir, PlatformDir, claim
 from pcvr.protocols.names import check_name
 from pcvr.protocols.run_config import RunConfig
 
@@ -293,13 +292,6 @@ def join(export_dir: ExportDir, handoff_dir: HandoffDir, room: CleanRoomDir, *, 
 # --- training -------------------------------------------------------------------------------
 
 
-def _quiet_flower() -> None:
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-
-
 def common_label_set(rooms: Sequence[CleanRoomDir]) -> str:
     """The one label set every clean room holds; an error naming the choice when there is none or several."""
     for room in rooms:
@@ -327,32 +319,24 @@ def check_training_inputs(platform: PlatformDir, rooms: Sequence[CleanRoomDir], 
             raise ValueError(f"--clean-rooms {room.root}: has no label set {label_set!r} (it has: {', '.join(room.label_sets()) or 'none'})")
 
 
-def train(platform: PlatformDir, rooms: Sequence[CleanRoomDir], config: RunConfig) -> dict:
+def train(
+    platform: PlatformDir, rooms: Sequence[CleanRoomDir], config: RunConfig, *, on_round: Callable[[str], None] | None = None
+) -> dict:
     """One federated run in Flower's simulation engine; returns the platform's ``result.json``.
 
     Clean room ``k`` is ``rooms[k]``: its directory reaches its ClientApp from this
-    launcher (:func:`pcvr.clean_room.app.make_client_app`), never through the run config.
+    launcher (:mod:`pcvr.deploy.simulation`), never through the run config. ``on_round``
+    gets the platform's line for each round; Flower's and Ray's own output stays in
+    the run's ``engine/logs/``.
     """
     import dataclasses
 
-    from flwr.simulation import run_simulation
-
-    from pcvr.clean_room.app import make_client_app
-    from pcvr.platform.app import make_server_app
+    from pcvr.deploy.simulation import run_simulation_engine
 
     config = dataclasses.replace(config, platform_dir=Path(platform.root), clean_rooms=len(rooms))
     check_training_inputs(platform, rooms, label_set=config.label_set)
     shutil.rmtree(config.run_dir, ignore_errors=True)
-    values = config.to_run_config()
-    directories: Mapping[int, Path] = {k: Path(room.root).resolve() for k, room in enumerate(rooms)}
-    _quiet_flower()
-    run_simulation(
-        server_app=make_server_app(values),
-        client_app=make_client_app(values, clean_room_dirs=directories),
-        num_supernodes=len(rooms),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": os.cpu_count() or 1}},
+    directories = {k: Path(room.root).resolve() for k, room in enumerate(rooms)}
+    return run_simulation_engine(
+        config.to_run_config(), clean_room_dirs=directories, engine_dir=config.run_dir / "engine", out=on_round
     )
-    result_path = config.run_dir / RESULT_FILE
-    if not result_path.exists():
-        raise RuntimeError(f"the ServerApp ended without writing {result_path} (see the log above)")
-    return json.loads(result_path.read_text())

@@ -21,10 +21,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import torch
 
 from pcvr.advertiser.handoff import hand_off
 from pcvr.advertiser.policy import ConsentPolicy
-from pcvr.clean_room.app import make_client_app
 from pcvr.clean_room.dataset import join_inputs
 from pcvr.clean_room.holdout import HOLDOUT_FRACTION
 from pcvr.clean_room.policy import RoomPolicy
@@ -43,7 +41,6 @@ from pcvr.data.spec import DatasetSpec
 from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec, synthesize
 from pcvr.models.cvr import ModelShape, attach_adapters, load_backbone, parameter_counts
 from pcvr.oracle import HeldOutRows, held_out_truth
-from pcvr.platform.app import make_server_app
 from pcvr.platform.evaluate import holdout_metrics, predict
 from pcvr.platform.features import export_features, read_labelled
 from pcvr.platform.pretrain import pretrain_from_spec
@@ -52,7 +49,7 @@ from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
-from pcvr.protocols.layout import EVAL_FILE, LABELS_FILE, RESULT_FILE, HandoffDir, SimulationDir
+from pcvr.protocols.layout import EVAL_FILE, LABELS_FILE, HandoffDir, SimulationDir
 from pcvr.protocols.names import check_name
 from pcvr.protocols.run_config import RunConfig
 
@@ -291,37 +288,27 @@ def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, run_dir:
     return held_out_truth(backbone, adapters, rooms)
 
 
-def _quiet_flower() -> None:
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-
-
 def run_setting(
-    spec: SimulationSpec, *, name: str, label_set: str, correction: Correction, **overrides: object
+    spec: SimulationSpec,
+    *,
+    name: str,
+    label_set: str,
+    correction: Correction,
+    on_round: Callable[[str], None] | None = None,
+    **overrides: object,
 ) -> dict:
     """One federated training run in Flower's simulation engine; returns the platform's result.
 
-    ``overrides`` replace fields of the setting's :class:`RunConfig` (e.g. ``codec=``).
+    ``overrides`` replace fields of the setting's :class:`RunConfig` (e.g. ``codec=``);
+    ``on_round`` gets the platform's line for each round as it ends. Flower's and Ray's
+    own output stays in the setting's ``engine/logs/``.
     """
-    from flwr.simulation import run_simulation
+    from pcvr.deploy.simulation import run_simulation_engine
 
     config = spec.run_config(label_set=label_set, correction=correction, name=name, **overrides)
     shutil.rmtree(config.run_dir, ignore_errors=True)
-    overrides = config.to_run_config()
-    _quiet_flower()
     rooms = {k: spec.layout.clean_room(k).root for k in range(spec.world.advertisers)}
-    run_simulation(
-        server_app=make_server_app(overrides),
-        client_app=make_client_app(overrides, clean_room_dirs=rooms),
-        num_supernodes=spec.world.advertisers,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": os.cpu_count() or 1}},
-    )
-    result_path = config.run_dir / RESULT_FILE
-    if not result_path.exists():
-        raise RuntimeError(f"setting {name}: the ServerApp ended without writing {result_path} (see the log above)")
-    return json.loads(result_path.read_text())
+    return run_simulation_engine(config.to_run_config(), clean_room_dirs=rooms, engine_dir=config.run_dir / "engine", out=on_round)
 
 
 def simulate(spec: SimulationSpec) -> dict:

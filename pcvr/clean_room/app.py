@@ -53,7 +53,7 @@ from pcvr.protocols.messages import (
     TrainIns,
     TrainReply,
 )
-from pcvr.protocols.layout import CleanRoomDir
+from pcvr.protocols.layout import CleanRoomDir, clean_room_dirs_from_environment
 from pcvr.protocols.refusals import Refusal, Refused
 from pcvr.protocols.run_config import RunConfig
 
@@ -357,7 +357,9 @@ def make_client_app(
 
     ``clean_room_dirs`` (clean-room id → its directory) is the local launcher's: in
     Flower's simulation engine, where a node has no node config of its own, clean room
-    ``k`` is the node with partition id ``k``. A deployed SuperNode names its directory in
+    ``k`` is the node with partition id ``k``. Without it, the launcher's environment
+    (:func:`pcvr.protocols.layout.clean_room_dirs_from_environment`) says, read when a
+    message arrives. A deployed SuperNode names its directory in
     its node config (``clean-room-dir``), which takes precedence. The platform's run
     config never supplies a path.
 
@@ -365,27 +367,30 @@ def make_client_app(
     refusal code, never a clean room's error text.
     """
     defaults = dict(defaults or {})
-    rooms = {int(k): Path(v) for k, v in (clean_room_dirs or {}).items()}
+    given = None if clean_room_dirs is None else {int(k): Path(v) for k, v in clean_room_dirs.items()}
     client_app = ClientApp()
+
+    def rooms_of() -> Mapping[int, Path]:
+        return clean_room_dirs_from_environment() if given is None else given
 
     def config_of(context: Context) -> RunConfig:
         return RunConfig.from_run_config({**defaults, **context.run_config})
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context), rooms))
+        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context), rooms_of()))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context), rooms))
+        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context), rooms_of()))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context), rooms))
+        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context), rooms_of()))
 
     @client_app.query(PREFLIGHT_ACTION)
     def preflight(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context), rooms))
+        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context), rooms_of()))
 
     return client_app
 

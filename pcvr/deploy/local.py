@@ -231,8 +231,10 @@ def register_command(public_key: Path, *, connection: str = CONNECTION) -> list[
     return ["flwr", "supernode", "register", str(public_key), connection, "--format", "json"]
 
 
-def run_command(app_dir: Path, *, connection: str = CONNECTION) -> list[str]:
-    return ["flwr", "run", str(app_dir), connection, "--stream"]
+def run_command(app_dir: Path, *, connection: str = CONNECTION, federation_config: str | None = None) -> list[str]:
+    """``flwr run --stream``; ``federation_config`` ("key=value ...") configures a simulation SuperLink's engine."""
+    extra = [] if federation_config is None else ["--federation-config", federation_config]
+    return ["flwr", "run", str(app_dir), connection, "--stream", *extra]
 
 
 def _environment(layout: DeployLayout) -> dict[str, str]:
@@ -551,10 +553,13 @@ def read_nodes(layout: DeployLayout) -> dict[int, int]:
         raise ValueError(f"{layout.nodes_file}: not a node list written by `pcvr deploy register` ({exc})") from None
 
 
-def run_training(layout: DeployLayout, env: Mapping[str, str], run_config: Mapping[str, object], *, out=print) -> dict:
+def run_training(
+    layout: DeployLayout, env: Mapping[str, str], run_config: Mapping[str, object], *, out=print,
+    federation_config: str | None = None,
+) -> dict:
     """Start the training on a running SuperLink with ``flwr run --stream``; the platform's ``result.json``."""
     write_app(layout, run_config)
-    _stream_run(layout, env, out=out)
+    _stream_run(layout, env, out=out, federation_config=federation_config)
     result_path = Path(str(run_config["run-dir"])) / RESULT_FILE
     if not result_path.exists():
         raise DeployError(
@@ -563,14 +568,14 @@ def run_training(layout: DeployLayout, env: Mapping[str, str], run_config: Mappi
     return json.loads(result_path.read_text())
 
 
-def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out) -> None:
+def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out, federation_config: str | None = None) -> None:
     """``flwr run --stream``: every line into its log, pcvr's own lines to ``out`` as they come."""
     from pcvr.platform.federation import ROUND_LINE_PREFIX, RUN_FAILED_PREFIX
 
     layout.logs.mkdir(parents=True, exist_ok=True)
     with layout.log_file("flwr-run").open("w") as run_log:
         process = subprocess.Popen(
-            run_command(layout.app_dir), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            run_command(layout.app_dir, federation_config=federation_config), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, cwd=layout.run_dir,
         )
         try:

@@ -55,6 +55,8 @@ __all__ = [
     "PARTY_DIRS",
     "party_of",
     "claim",
+    "CLEAN_ROOM_DIRS_ENV",
+    "clean_room_dirs_from_environment",
 ]
 
 BACKBONE_DIR = "backbone"  # weights + config.json + encoding.json, wherever a copy lives
@@ -341,3 +343,28 @@ def claim(directory: Path, kind: type, *, flag: str = "--out") -> None:
         )
     if any(directory.iterdir()):
         raise ValueError(f"{flag} {directory}: exists and is not {kind.WHAT}; give a new or empty directory")
+
+
+CLEAN_ROOM_DIRS_ENV = "PCVR_CLEAN_ROOM_DIRS"  # JSON {"<clean-room id>": "<directory>"}: the simulation launcher's
+
+
+def clean_room_dirs_from_environment() -> dict[int, Path]:
+    """The simulated clean rooms' directories, as the local simulation launcher set them (empty otherwise).
+
+    In Flower's simulation engine a node has no node config of its own; the launcher on
+    this machine (:mod:`pcvr.deploy.simulation`) names each clean room's directory in the
+    environment of the processes it starts — never in the run config, which is the platform's.
+
+    Raises:
+        ValueError: the variable is set but is not a JSON object of clean-room id → directory.
+    """
+    import json
+    import os
+
+    text = os.environ.get(CLEAN_ROOM_DIRS_ENV)
+    if not text:
+        return {}
+    try:
+        return {int(room): Path(directory) for room, directory in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{CLEAN_ROOM_DIRS_ENV}: not a JSON object of clean-room id → directory ({exc})") from None
