@@ -8,7 +8,8 @@ whatever the file's size. Every chunk carries the file it came from and the
     clicks.csv: row 1048577: column 'price' has 'n/a'; expected a number
 
 CSV and TSV columns are read as strings and converted here (pyarrow's own CSV
-conversion errors do not say which row failed). Label and consent values are
+conversion errors do not say which row failed); only an empty field is missing
+(a dense "NaN" or "inf" is read as that number, and then handled as missing). Label and consent values are
 compared by their string form, so an integer column 1 matches "1".
 
 Duplicate keys across chunks are found with bounded memory by
@@ -181,7 +182,10 @@ def _read_text(path: Path, fmt: Format, columns: Mapping[str, Role], chunk_rows:
     if error:
         raise error
     convert = pacsv.ConvertOptions(
-        include_columns=list(columns), column_types={name: pa.string() for name in columns}, strings_can_be_null=True
+        include_columns=list(columns),
+        column_types={name: pa.string() for name in columns},
+        null_values=[""],  # only an empty field is missing: "NA" may be a value (a country, a code)
+        strings_can_be_null=True,
     )
     start = 0
     pending: list[pa.RecordBatch] = []
