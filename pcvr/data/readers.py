@@ -219,32 +219,45 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _convert_text(path: Path, start: int, table: pa.Table, columns: Mapping[str, Role]) -> pa.Table:
-    """CSV/TSV text columns into the types their roles need (dense → float64, timestamp → int64)."""
+    """CSV/TSV text columns into the types their roles need (dense → float64; timestamp → int64, or an ISO 8601 time)."""
     for name, role in columns.items():
         if role is Role.DENSE:
-            converted = _cast_or_fail(path, start, name, table.column(name), pa.float64(), "a number")
+            converted = _cast_or_fail(path, start, name, table.column(name), (pa.float64(),), "a number")
         elif role is Role.TIMESTAMP:
-            converted = _cast_or_fail(path, start, name, table.column(name), pa.int64(), "an integer timestamp")
+            targets = (pa.int64(), pa.timestamp("us"))
+            converted = _cast_or_fail(path, start, name, table.column(name), targets, "an integer or ISO 8601 timestamp")
         else:
             continue
         table = table.set_column(table.schema.get_field_index(name), name, converted)
     return table
 
 
-def _cast_or_fail(path: Path, start: int, name: str, column: pa.ChunkedArray, target: pa.DataType, what: str) -> pa.ChunkedArray:
+def _cast(array: pa.Array, targets: tuple[pa.DataType, ...]) -> pa.Array | None:
+    """``array`` cast to the first of ``targets`` that takes every value, or None."""
+    trimmed = pc.utf8_trim_whitespace(array)
+    for target in targets:
+        try:
+            return pc.cast(trimmed, target)
+        except pa.ArrowInvalid:
+            continue
+    return None
+
+
+def _cast_or_fail(
+    path: Path, start: int, name: str, column: pa.ChunkedArray, targets: tuple[pa.DataType, ...], what: str
+) -> pa.ChunkedArray:
     array = column.combine_chunks()
-    try:
-        return pa.chunked_array([pc.cast(pc.utf8_trim_whitespace(array), target)])
-    except pa.ArrowInvalid:
-        lo, hi = 0, len(array)  # bisect for the first value that does not convert
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            try:
-                pc.cast(pc.utf8_trim_whitespace(array.slice(lo, mid - lo)), target)
-                lo = mid
-            except pa.ArrowInvalid:
-                hi = mid
-        raise DataError(f"{path}: row {start + lo}: column {name!r} has {array[lo].as_py()!r}; expected {what}") from None
+    converted = _cast(array, targets)
+    if converted is not None:
+        return pa.chunked_array([converted])
+    lo, hi = 0, len(array)  # bisect for the first value that converts to none of the targets
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _cast(array.slice(lo, mid - lo), targets) is not None:
+            lo = mid
+        else:
+            hi = mid
+    raise DataError(f"{path}: row {start + lo}: column {name!r} has {array[lo].as_py()!r}; expected {what}")
 
 
 def first_row(mask: pa.Array | pa.ChunkedArray | np.ndarray) -> int:

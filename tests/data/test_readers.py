@@ -164,3 +164,17 @@ def test_duplicate_keys_finds_the_first_repeat_across_adds():
     for start in range(0, 1000, 64):
         finder.add(stream[start : start + 64])
     assert finder.first_repeat() == (700, 12)
+
+
+def test_csv_timestamps_are_integers_or_iso_8601(tmp_path):
+    columns = {"ts": Role.TIMESTAMP}
+    ints = _csv(tmp_path / "a.csv", "ts\n1767225600\n1767225700\n")
+    (chunk,) = iter_chunks([ints], fmt=Format.CSV, columns=columns, chunk_rows=10)
+    assert chunk.table.column("ts").type == pa.int64()
+    iso = _csv(tmp_path / "b.csv", "ts\n2026-01-01T00:00:00\n2026-01-02 10:30:00\n")
+    (chunk,) = iter_chunks([iso], fmt=Format.CSV, columns=columns, chunk_rows=10)
+    assert pa.types.is_timestamp(chunk.table.column("ts").type)
+    bad = _csv(tmp_path / "c.csv", "ts\n2026-01-01T00:00:00\n2026-01-02T00:00:00\nyesterday\n")
+    with pytest.raises(DataError) as caught:
+        list(iter_chunks([bad], fmt=Format.CSV, columns=columns, chunk_rows=10))
+    _assert_names(caught.value, bad, "ts", 2)
