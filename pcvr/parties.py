@@ -302,6 +302,8 @@ def _quiet_flower() -> None:
 
 def common_label_set(rooms: Sequence[CleanRoomDir]) -> str:
     """The one label set every clean room holds; an error naming the choice when there is none or several."""
+    for room in rooms:
+        read_manifest(room.root, CleanRoomDir, flag="--clean-rooms")
     sets = [set(room.label_sets()) for room in rooms]
     common = sorted(set.intersection(*sets)) if sets else []
     if len(common) != 1:
