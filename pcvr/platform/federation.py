@@ -375,7 +375,9 @@ def run_federated_training(
             messages.append(Message(ins.to_record(), dst_node_id=node, message_type="train"))
             record(round_, node, PayloadRecorder.SENT, messages[-1])
         bytes_down = sum(wire_bytes(m) for m in messages)
+        instructed = time.monotonic()
         replies, sent_to = _exchange(grid, messages, timeout=round_timeout)
+        exchanged = time.monotonic()
         bytes_up = sum(wire_bytes(r) for r in replies)
         for reply in replies:
             record(round_, reply.metadata.src_node_id, PayloadRecorder.RECEIVED, reply)
@@ -394,7 +396,7 @@ def run_federated_training(
             log.warning("round %d: no valid reply; no step this round", round_)
         examples = [reply.num_examples for reply in accepted.values()]
         losses = [(r.loss, r.num_examples) for r in accepted.values() if r.loss is not None]
-        train_s += time.monotonic() - started
+        applied = time.monotonic()
         run_log.rounds.append(
             {
                 "round": round_,
@@ -403,12 +405,22 @@ def run_federated_training(
                 "loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
                 "bytes_down": bytes_down,
                 "bytes_up": bytes_up,
-                "wall_s": time.monotonic() - started,
+                "wall_s": applied - started,
+                # where the round's time went, on the platform's clock: building and serializing the
+                # instructions; waiting for the replies (the clean rooms' work and the engine's transport);
+                # validating, decoding, aggregating and stepping; writing the checkpoint
+                "instructions_s": instructed - started,
+                "exchange_s": exchanged - instructed,
+                "apply_s": applied - exchanged,
             }
         )
         trainer.checkpoint(
-            config.run_dir / CHECKPOINT_FILE, run_state=run_log.resume_state(run=logical_run, round_=round_, train_s=train_s)
+            config.run_dir / CHECKPOINT_FILE,
+            run_state=run_log.resume_state(run=logical_run, round_=round_, train_s=train_s + applied - started),
         )
+        run_log.rounds[-1]["checkpoint_s"] = time.monotonic() - applied
+        run_log.rounds[-1]["wall_s"] = time.monotonic() - started
+        train_s += run_log.rounds[-1]["wall_s"]
         last = round_ == config.num_rounds
         if empty_rounds >= MAX_EMPTY_ROUNDS:
             run_log.abandoned = f"run abandoned at round {round_}: no valid reply for {empty_rounds} rounds in a row"
@@ -416,8 +428,9 @@ def run_federated_training(
             last = True
         evaluation = None
         if holdout is not None and (round_ % config.eval_every == 0 or last):
+            evaluating = time.monotonic()
             evaluation = trainer.evaluate(holdout.features, holdout.labels)
-            run_log.evaluations.append({"round": round_, "train_s": train_s, **evaluation})
+            run_log.evaluations.append({"round": round_, "train_s": train_s, "eval_s": time.monotonic() - evaluating, **evaluation})
             log.info("round %d: %s", round_, evaluation)
         if on_round is not None:
             on_round(round_line(run_log.rounds[-1], rounds=config.num_rounds, clean_rooms=len(nodes), evaluation=evaluation))
