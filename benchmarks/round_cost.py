@@ -57,6 +57,50 @@ def centralized(spec: SimulationSpec, *, label_set: str, eval_every: int) -> lis
     return evaluations
 
 
+def clean_room_compute_s(spec: SimulationSpec, *, label_set: str) -> float:
+    """Median seconds of one clean room's ClientApp answering a round-1 train instruction, in this process.
+
+    The real ClientApp on the real clean-room directory, without Flower's engine around
+    it: what the exchange time of a round spends inside a clean room.
+    """
+    import time as clock
+
+    from flwr.app import Context, Message, RecordDict
+    from flwr.common import Metadata
+
+    from pcvr.clean_room.app import make_client_app
+    from pcvr.models.cvr import attach_adapters, get_adapter_vector, parameter_counts
+    from pcvr.protocols.codecs import encode
+    from pcvr.protocols.messages import Binding, TrainIns
+
+    none = Codec.parse("none")
+    model = attach_adapters(load_backbone(spec.layout.platform.backbone), seed=spec.seed)
+    weights = get_adapter_vector(model).numpy()
+    config = spec.run_config(label_set=label_set, correction=spec.correction, name="round_cost", codec=none, downstream_codec=none)
+    app = make_client_app(config.to_run_config(), clean_room_dirs={k: spec.layout.clean_room(k).root for k in range(spec.world.advertisers)})
+    seconds = []
+    for k in range(spec.world.advertisers):
+        for repeat in range(3):
+            run_id = 1000 + repeat
+            ins = TrainIns(
+                binding=Binding(run_id=run_id, round=1, node_id=7), base_round=0, codec=none,
+                size=parameter_counts(model)["adapters"], weights=encode(weights, none, generator=np.random.default_rng(0)),
+                batch_size=spec.batch_size, min_batch_size=spec.min_batch_size, correction=spec.correction,
+                learning_rate=spec.learning_rate,
+            )
+            metadata = Metadata(
+                run_id=run_id, message_id="m" * 64, src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="1",
+                created_at=clock.time(), ttl=600.0, message_type="train",
+            )
+            context = Context(run_id=run_id, node_id=7, node_config={"clean-room-id": k}, state=RecordDict(), run_config={})
+            started = clock.perf_counter()
+            reply = app(Message(metadata=metadata, content=ins.to_record()), context)
+            seconds.append(clock.perf_counter() - started)
+            if reply.has_error():
+                raise SystemExit(f"round_cost: clean room {k} refused the probe: {reply.error.reason}")
+    return float(np.median(seconds))
+
+
 def first_reaching(evaluations: list[dict], target: float) -> dict | None:
     return next((e for e in evaluations if e["auc"] >= target), None)
 
@@ -94,6 +138,8 @@ def main() -> None:
     federated_hit = first_reaching(federated["evaluations"], target)
     startup_s = simulation_wall_s - federated["wall_s"]
     round_s = [r["wall_s"] for r in federated["history"]]
+    median = lambda key: round(float(np.median([r[key] for r in federated["history"]])), 4)  # noqa: E731
+    room_s = clean_room_compute_s(spec, label_set=label_set)
     out = {
         "benchmark": "round_cost",
         "rows": args.rows,
@@ -113,6 +159,16 @@ def main() -> None:
             "seconds_per_round_median": round(float(np.median(round_s)), 4),
             "engine_startup_s": round(startup_s, 2),
             "final_auc": round(federated["final"]["auc"], 5),
+            # the median round, on the platform's clock; the exchange holds the clean rooms' work
+            # (each room's ClientApp, timed alone in this process: clean_room_compute_s) and the engine's
+            "per_round_median_s": {
+                "instructions": median("instructions_s"),
+                "exchange": median("exchange_s"),
+                "apply": median("apply_s"),
+                "checkpoint": median("checkpoint_s"),
+                "clean_room_compute": round(room_s, 4),
+            },
+            "evaluation_s_mean": round(float(np.mean([e["eval_s"] for e in federated["evaluations"]])), 4),
         },
     }
     if central_hit and federated_hit:
