@@ -8,7 +8,8 @@ whatever the file's size. Every chunk carries the file it came from and the
     clicks.csv: row 1048577: column 'price' has 'n/a'; expected a number
 
 CSV and TSV columns are read as strings and converted here (pyarrow's own CSV
-conversion errors do not say which row failed). Label and consent values are
+conversion errors do not say which row failed); only an empty field is missing
+(a dense "NaN" or "inf" is read as that number, and then handled as missing). Label and consent values are
 compared by their string form, so an integer column 1 matches "1".
 
 Duplicate keys across chunks are found with bounded memory by
@@ -181,7 +182,10 @@ def _read_text(path: Path, fmt: Format, columns: Mapping[str, Role], chunk_rows:
     if error:
         raise error
     convert = pacsv.ConvertOptions(
-        include_columns=list(columns), column_types={name: pa.string() for name in columns}, strings_can_be_null=True
+        include_columns=list(columns),
+        column_types={name: pa.string() for name in columns},
+        null_values=[""],  # only an empty field is missing: "NA" may be a value (a country, a code)
+        strings_can_be_null=True,
     )
     start = 0
     pending: list[pa.RecordBatch] = []
@@ -215,32 +219,45 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _convert_text(path: Path, start: int, table: pa.Table, columns: Mapping[str, Role]) -> pa.Table:
-    """CSV/TSV text columns into the types their roles need (dense → float64, timestamp → int64)."""
+    """CSV/TSV text columns into the types their roles need (dense → float64; timestamp → int64, or an ISO 8601 time)."""
     for name, role in columns.items():
         if role is Role.DENSE:
-            converted = _cast_or_fail(path, start, name, table.column(name), pa.float64(), "a number")
+            converted = _cast_or_fail(path, start, name, table.column(name), (pa.float64(),), "a number")
         elif role is Role.TIMESTAMP:
-            converted = _cast_or_fail(path, start, name, table.column(name), pa.int64(), "an integer timestamp")
+            targets = (pa.int64(), pa.timestamp("us"))
+            converted = _cast_or_fail(path, start, name, table.column(name), targets, "an integer or ISO 8601 timestamp")
         else:
             continue
         table = table.set_column(table.schema.get_field_index(name), name, converted)
     return table
 
 
-def _cast_or_fail(path: Path, start: int, name: str, column: pa.ChunkedArray, target: pa.DataType, what: str) -> pa.ChunkedArray:
+def _cast(array: pa.Array, targets: tuple[pa.DataType, ...]) -> pa.Array | None:
+    """``array`` cast to the first of ``targets`` that takes every value, or None."""
+    trimmed = pc.utf8_trim_whitespace(array)
+    for target in targets:
+        try:
+            return pc.cast(trimmed, target)
+        except pa.ArrowInvalid:
+            continue
+    return None
+
+
+def _cast_or_fail(
+    path: Path, start: int, name: str, column: pa.ChunkedArray, targets: tuple[pa.DataType, ...], what: str
+) -> pa.ChunkedArray:
     array = column.combine_chunks()
-    try:
-        return pa.chunked_array([pc.cast(pc.utf8_trim_whitespace(array), target)])
-    except pa.ArrowInvalid:
-        lo, hi = 0, len(array)  # bisect for the first value that does not convert
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            try:
-                pc.cast(pc.utf8_trim_whitespace(array.slice(lo, mid - lo)), target)
-                lo = mid
-            except pa.ArrowInvalid:
-                hi = mid
-        raise DataError(f"{path}: row {start + lo}: column {name!r} has {array[lo].as_py()!r}; expected {what}") from None
+    converted = _cast(array, targets)
+    if converted is not None:
+        return pa.chunked_array([converted])
+    lo, hi = 0, len(array)  # bisect for the first value that converts to none of the targets
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _cast(array.slice(lo, mid - lo), targets) is not None:
+            lo = mid
+        else:
+            hi = mid
+    raise DataError(f"{path}: row {start + lo}: column {name!r} has {array[lo].as_py()!r}; expected {what}")
 
 
 def first_row(mask: pa.Array | pa.ChunkedArray | np.ndarray) -> int:

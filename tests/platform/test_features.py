@@ -128,3 +128,97 @@ def test_spec_that_does_not_match_the_backbone_is_refused(platform, tmp_path) ->
     assert "\n" not in message and str(changed.source) in message and "features.categorical[0]" in message
     assert "'user'" in message and "encoding.json" in message
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "other.toml"]
+
+
+# --- bad input (DESIGN §10): one line naming file, row and column; nothing written -------------
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    """A backbone whose spec gives the dense column ``age`` no missing-value policy."""
+    root = tmp_path_factory.mktemp("strict")
+    spec = write_user_files(root / "data", rows=200)
+    text = spec.source.read_text().replace('transform = "standardize"\nmissing = "mean"', 'transform = "standardize"')
+    spec.source.write_text(text)
+    spec = DatasetSpec.load(spec.source)
+    pretrain_from_spec(spec, root / "backbone", epochs=1, generator=torch.Generator().manual_seed(0))
+    return root, spec
+
+
+def _set(column: str, row: int, value):
+    def mutate(log: dict) -> None:
+        log[column][row] = value
+    return mutate
+
+
+def _drop(column: str):
+    return lambda log: log.pop(column)
+
+
+BAD_LOGS = {  # case: (mutation of a 200-row log, suffix, column named, row named or None)
+    "unknown-column": (_drop("ad"), "csv", "ad", None),
+    "dense-not-a-number-csv": (lambda log: log.update(price=[*map(str, log["price"][:130]), "cheap", *map(str, log["price"][131:])]), "csv", "price", 130),
+    "dense-wrong-type-parquet": (lambda log: log.update(price=[str(v) for v in log["price"]]), "parquet", "price", None),
+    "categorical-wrong-type-parquet": (lambda log: log.update(ad=[float(i) for i in range(200)]), "parquet", "ad", None),
+    "nan-without-policy": (_set("age", 77, float("nan")), "parquet", "age", 77),
+    "inf-without-policy": (_set("age", 140, float("inf")), "parquet", "age", 140),
+    "missing-without-policy-csv": (_set("age", 150, None), "csv", "age", 150),
+    "missing-categorical-without-policy": (_set("site", 99, None), "csv", "site", 99),
+    "missing-click-id": (_set("click", 65, None), "csv", "click", 65),
+    "duplicate-click-id-across-chunks": (_set("click", 190, "c3"), "csv", "click", 190),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LOGS))
+def test_bad_click_log_names_file_row_column_and_writes_nothing(strict, tmp_path, case) -> None:
+    root, spec = strict
+    mutate, suffix, column, row = BAD_LOGS[case]
+    log = click_log(200, seed=0)
+    mutate(log)
+    path = write_table(log, tmp_path / f"clicks.{suffix}")
+    fmt = spec.features.format.PARQUET if suffix == "parquet" else spec.features.format.CSV
+    bad = dataclasses.replace(spec, features=dataclasses.replace(spec.features, paths=(path,), format=fmt))
+    out = tmp_path / "export" / "features.arrow"
+    with pytest.raises(DataError) as caught:
+        export_features(bad, backbone_dir=root / "backbone", join_secret=SECRET, out_path=out)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: "), message
+    assert repr(column) in message, message
+    if row is not None:
+        assert f"row {row}:" in message, message
+    assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
+
+
+def test_duplicate_click_id_names_both_rows(strict, tmp_path) -> None:
+    root, spec = strict
+    log = click_log(200, seed=0)
+    log["click"][190] = "c3"
+    path = write_table(log, tmp_path / "clicks.csv")
+    bad = dataclasses.replace(spec, features=dataclasses.replace(spec.features, paths=(path,)))
+    with pytest.raises(DataError, match=rf"row 190: column 'click' repeats the click id of {path} row 3$"):
+        export_features(bad, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / "f.arrow")
+
+
+@pytest.mark.parametrize("content", ["", "click,user,ad,site,price,age\n"])
+def test_empty_click_log(strict, tmp_path, content) -> None:
+    root, spec = strict
+    path = tmp_path / "clicks.csv"
+    path.write_text(content)
+    bad = dataclasses.replace(spec, features=dataclasses.replace(spec.features, paths=(path,)))
+    with pytest.raises(DataError, match=rf"^{path}: file has no rows$"):
+        export_features(bad, backbone_dir=root / "backbone", join_secret=SECRET, out_path=tmp_path / "f.arrow")
+    assert not (tmp_path / "f.arrow").exists()
+
+
+@pytest.mark.parametrize("value,row", [("2", 77), (None, 500)])
+def test_pretraining_label_outside_the_map_writes_no_backbone(tmp_path, value, row) -> None:
+    spec = write_user_files(tmp_path / "data", rows=300)
+    columns = click_log(600, seed=1, prefix="p", with_label=True)
+    columns["clicked"] = [str(v) for v in columns["clicked"]]
+    columns["clicked"][row] = value
+    path = write_table(columns, spec.pretrain.paths[0])
+    with pytest.raises(DataError) as caught:
+        pretrain_from_spec(spec, tmp_path / "platform" / "backbone", epochs=1, generator=torch.Generator().manual_seed(0))
+    message = str(caught.value)
+    assert message.startswith(f"{path}: row {row}: column 'clicked' ") and "\n" not in message, message
+    assert not (tmp_path / "platform").exists() or list((tmp_path / "platform").iterdir()) == []
