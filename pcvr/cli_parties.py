@@ -135,7 +135,8 @@ def format_private_table(private: dict | None) -> str:
     ]
     for name, label, digits in (("auc", "AUC", 4), ("ne", "NE", 4), ("calibration", "calibration", 3)):
         lines.append(f"  {label:<12} {private[name]['value']:>9.{digits}f} {private[name]['se']:>8.{digits}f}")
-    lines.append(f"  rows: {private['rows']:,} held-out rows in {private['rooms']} clean rooms")
+    rooms = private["rooms"]
+    lines.append(f"  rows: {private['rows']:,} held-out rows in {rooms} clean room{'' if rooms == 1 else 's'}")
     return "\n".join(lines)
 
 
@@ -152,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     result = train(platform, rooms, config)
     print(format_private_table(result["private"]))
-    served = ", ".join(f"{room}: {entry['served']}" for room, entry in result["participation"].items())
+    served = ", ".join(f"{room}: {entry['served']}" for room, entry in sorted(result["participation"].items()))
     print(f"\n{result['rounds']} rounds, rounds served: {served}; results in {config.run_dir / RESULT_FILE}")
     if result["failures"]:
         print(f"pcvr: error: the run failed: {result['failures'][0]}", file=sys.stderr)

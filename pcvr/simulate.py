@@ -1,14 +1,20 @@
 """``pcvr simulate``: a whole multi-party run on one machine, end to end.
 
-1. the synthetic world (``pcvr.data.synth``) — platform logs, advertiser conversions, holdout;
+It is made of exactly the party steps of :mod:`pcvr.parties` (what ``pcvr platform
+pretrain``, ``pcvr platform export``, ``pcvr advertiser hand-off``, ``pcvr clean-room
+join`` and ``pcvr train`` run), on one producer of specs, the synthetic world:
+
+1. the synthetic world (``pcvr.data.synth``) — platform logs, advertiser conversions,
+   holdout, and one dataset spec per advertiser;
 2. the platform pretrains and freezes the backbone on its own clicks, and exports
    each clean room's features under the pseudonymous join key;
 3. each advertiser applies its consent policy and randomized response and hands
    the noisy labels into its clean room, which joins them with the features;
 4. for each setting, Flower's simulation engine runs the platform's ServerApp and
-   one ClientApp per clean room; the platform evaluates on the holdout's true labels, and
-   each clean room privately on its held-out split (de-biased sums only), printed beside
-   the true-label metrics of the same rows (:mod:`pcvr.oracle`).
+   one ClientApp per clean room. Only here does the platform directory hold an oracle
+   holdout with true labels, so the platform evaluates on it; each clean room evaluates
+   privately on its held-out split (de-biased sums only), printed beside the
+   true-label metrics of the same rows (:mod:`pcvr.oracle`).
 
 Preparation is idempotent: what a work directory already holds is reused while the
 inputs it was made from are unchanged (:mod:`pcvr.data.prepared`), so settings can be
@@ -29,9 +35,8 @@ from pathlib import Path
 
 import torch
 
-from pcvr.advertiser.handoff import hand_off
+from pcvr import parties
 from pcvr.advertiser.policy import ConsentPolicy
-from pcvr.clean_room.dataset import join_inputs
 from pcvr.clean_room.holdout import HOLDOUT_FRACTION
 from pcvr.clean_room.policy import RoomPolicy
 from pcvr.data.encoding import FeatureEncoding
@@ -42,14 +47,13 @@ from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdou
 from pcvr.models.cvr import ModelShape, attach_adapters, load_backbone, parameter_counts
 from pcvr.oracle import HeldOutRows, held_out_truth
 from pcvr.platform.evaluate import holdout_metrics, predict
-from pcvr.platform.features import export_features, read_labelled
-from pcvr.platform.pretrain import pretrain_from_spec
+from pcvr.platform.features import read_labelled
 from pcvr.platform.federation import CHECKPOINT_FILE
 from pcvr.platform.training import AdapterTrainer, format_private
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.keys import load_or_create_secret
 from pcvr.protocols.label_dp import Correction
-from pcvr.protocols.layout import EVAL_FILE, LABELS_FILE, HandoffDir, SimulationDir
+from pcvr.protocols.layout import LABELS_FILE, SimulationDir
 from pcvr.protocols.names import check_name
 from pcvr.protocols.run_config import RunConfig
 
@@ -75,7 +79,7 @@ class SimulationSpec:
     learning_rate: float = 0.02
     eval_every: int = 25
     seed: int = 0
-    pretrain_epochs: int = 2
+    pretrain_epochs: int = parties.PretrainSettings.epochs
     codec: Codec = RunConfig.codec
     downstream_codec: Codec = RunConfig.downstream_codec
     dp_noise_multiplier: float = 0.0
@@ -155,19 +159,13 @@ def _load_secrets(work: SimulationDir, advertiser: int) -> tuple[bytes, bytes]:
     return join_secret, rr_secret
 
 
-def _holdout_key(work: SimulationDir, advertiser: int) -> bytes:
-    """The clean room's own secret that draws its held-out split (never sent)."""
-    room = work.clean_room(advertiser)
-    require_secret(room.holdout_key, made_with_it=sorted(Path(room.root).glob(f"*/{EVAL_FILE}")))
-    return load_or_create_secret(room.holdout_key)
-
-
 def prepare(spec: SimulationSpec) -> dict:
-    """Create the world, backbone, exports, hand-offs and joins under ``spec.work_dir``, or reuse them.
+    """The party steps (:mod:`pcvr.parties`) on the synthetic world under ``spec.work_dir``, or what they made.
 
+    synthesize → pretrain → per advertiser: export, one hand-off per label set, join.
     Each artifact is reused only if the inputs it records (:mod:`pcvr.data.prepared`:
-    data files, secrets, consent policy, model settings) are unchanged, and rebuilt
-    otherwise; the world itself is never regenerated under other settings.
+    specs and data files, secrets, consent policy, model settings) are unchanged, and
+    rebuilt otherwise; the world itself is never regenerated under other settings.
     """
     work = spec.layout
     secrets = [_load_secrets(work, k) for k in range(spec.world.advertisers)]
@@ -179,24 +177,18 @@ def prepare(spec: SimulationSpec) -> dict:
         world = synthesize(world_dir, spec.world)
 
     platform = work.platform
-    pretrain_path = world_dir / "platform" / "pretrain.parquet"
-
-    platform_spec = DatasetSpec.load(advertiser_spec_path(world_dir, 0))  # every advertiser's spec has this [pretrain]
-
-    def pretrain() -> None:
-        generator = torch.Generator().manual_seed(spec.seed)
-        pretrain_from_spec(platform_spec, platform.backbone, shape=spec.model, epochs=spec.pretrain_epochs, generator=generator)
-
+    platform_spec = advertiser_spec_path(world_dir, 0)  # every advertiser's spec has the platform's [pretrain]
+    settings = parties.PretrainSettings(epochs=spec.pretrain_epochs, seed=spec.seed)
     prepare_artifact(
         platform.backbone,
         {
-            "pretrain": pretrain_path,
-            "features": platform_spec.require("features").digest(),
+            "spec": platform_spec,
+            "pretrain": world_dir / "platform" / "pretrain.parquet",
             "model": dataclasses.asdict(spec.model),
             "epochs": spec.pretrain_epochs,
             "seed": spec.seed,
         },
-        pretrain,
+        lambda: parties.pretrain(platform_spec, platform, settings=settings, shape=spec.model, replace=True),
     )
     holdout = world_dir / "holdout.parquet"  # what only a simulation knows: the platform evaluates on it
 
@@ -208,69 +200,41 @@ def prepare(spec: SimulationSpec) -> dict:
     ledgers: dict[str, list[dict]] = {}
     for k, (join_secret, rr_secret) in enumerate(secrets):
         room, export = work.clean_room(k), work.export(k)
-        # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
-        write_bytes_atomic(room.policy, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
-        platform_features = world_dir / "platform" / "features" / f"advertiser_{k}.parquet"
-        advertiser_spec = DatasetSpec.load(advertiser_spec_path(world_dir, k))
+        advertiser_spec = advertiser_spec_path(world_dir, k)
         prepare_artifact(
             export.features,
-            {"features": platform_features, "join_secret": join_secret, "backbone": platform.backbone},
-            lambda: export_features(advertiser_spec, backbone_dir=platform.backbone, join_secret=join_secret, out_path=export.features),
+            {"spec": advertiser_spec, "features": world_dir / "platform" / "features" / f"advertiser_{k}.parquet",
+             "join_secret": join_secret, "backbone": platform.backbone},
+            lambda: parties.export(advertiser_spec, platform, join_secret=join_secret, out=export),
         )
-        prepare_artifact(room.backbone, {"backbone": platform.backbone}, lambda: _copy(platform.backbone, room.backbone))
+        holdout_key = parties.open_clean_room(room)
+        # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
+        write_bytes_atomic(room.policy, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
         conversions = world_dir / f"advertiser_{k}" / "conversions.parquet"
-        holdout_key = _holdout_key(work, k)
         for name, policy in spec.label_sets().items():
             handoff = work.handoff(k, name)
-            inputs = {
-                "conversions": conversions,
-                "consent_policy": policy.to_dict(),
-                "features": export.features,
-                "join_secret": join_secret,
-                "rr_secret": rr_secret,
-                "holdout_key": holdout_key,
-                "eval_fraction": HOLDOUT_FRACTION,
-            }
-            Path(room.root, name).mkdir(parents=True, exist_ok=True)
+            prepare_artifact(
+                handoff.labels,
+                {"spec": advertiser_spec, "conversions": conversions, "consent_policy": policy.to_dict(),
+                 "join_secret": join_secret, "rr_secret": rr_secret},
+                lambda: parties.hand_off(
+                    advertiser_spec, policy=policy, join_secret=join_secret, rr_secret=rr_secret, out=handoff, label_set=name
+                ),
+            )
             label_set = room.label_set(name)
             prepare_artifact(
                 label_set.root,
-                inputs,
-                lambda: _hand_off_and_join(advertiser_spec, export.features, handoff.root, label_set, policy, join_secret, rr_secret, holdout_key),
+                {"features": export.features, "backbone": export.backbone, "labels": handoff.labels,
+                 "holdout_key": holdout_key, "eval_fraction": HOLDOUT_FRACTION},
+                lambda: parties.join(export, handoff, room, replace_stale=True),
             )
             ledgers.setdefault(name, []).append(json.loads(label_set.ledger.read_text()))
     return {"world": world, "ledgers": ledgers}
 
 
 def _copy(source: Path, target: Path) -> None:
-    if Path(source).is_dir():
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
-    else:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-
-
-def _hand_off_and_join(
-    advertiser_spec: DatasetSpec,
-    features: Path,
-    handoff_dir: Path,
-    label_set,
-    policy: ConsentPolicy,
-    join_secret: bytes,
-    rr_secret: bytes,
-    holdout_key: bytes,
-) -> None:
-    hand_off(advertiser_spec, policy=policy, join_secret=join_secret, rr_secret=rr_secret, out_dir=handoff_dir)
-    handoff = HandoffDir(handoff_dir)
-    join_inputs(
-        features,
-        handoff.labels,
-        train_path=label_set.train,
-        eval_path=label_set.eval,
-        holdout_key=holdout_key,
-    )
-    _copy(handoff.ledger, label_set.ledger)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
 
 
 def _held_out_truth(spec: SimulationSpec, backbone: torch.nn.Module, *, run_dir: Path, label_set: str) -> dict[str, float]:
@@ -303,12 +267,9 @@ def run_setting(
     ``on_round`` gets the platform's line for each round as it ends. Flower's and Ray's
     own output stays in the setting's ``engine/logs/``.
     """
-    from pcvr.deploy.simulation import run_simulation_engine
-
     config = spec.run_config(label_set=label_set, correction=correction, name=name, **overrides)
-    shutil.rmtree(config.run_dir, ignore_errors=True)
-    rooms = {k: spec.layout.clean_room(k).root for k in range(spec.world.advertisers)}
-    return run_simulation_engine(config.to_run_config(), clean_room_dirs=rooms, engine_dir=config.run_dir / "engine", out=on_round)
+    rooms = [spec.layout.clean_room(k) for k in range(spec.world.advertisers)]
+    return parties.train(spec.layout.platform, rooms, config, on_round=on_round)
 
 
 def simulate(spec: SimulationSpec) -> dict:

@@ -141,7 +141,7 @@ def _private_figures(out: str) -> dict[str, tuple[float, float]]:
         match = re.search(rf"^\s+{name}\s+([-\d.]+)\s+([-\d.]+)$", out, flags=re.MULTILINE)
         assert match, out
         figures[name] = (float(match[1]), float(match[2]))
-    assert re.search(r"rows: [\d,]+ held-out rows in \d+ clean rooms", out), out
+    assert re.search(r"rows: [\d,]+ held-out rows in \d+ clean rooms?$", out, flags=re.MULTILINE), out
     return figures
 
 

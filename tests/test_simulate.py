@@ -7,6 +7,7 @@ off, and four settings trained and evaluated on the holdout's true labels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -14,13 +15,20 @@ import pytest
 from pcvr.cli import main
 from pcvr.data.synth import WorldConfig
 from pcvr.models.cvr import ModelShape
+from pcvr.protocols.layout import SimulationDir
 from pcvr.simulate import SimulationSpec, simulate
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulationSpec, dict]:
+    work_dir = tmp_path_factory.mktemp("sim") / "work"
+    for k in range(3):  # fixed advertiser secrets: the same noisy labels on every run of this test
+        secrets = SimulationDir(work_dir).secrets(k)
+        secrets.join.parent.mkdir(parents=True, exist_ok=True)
+        for path in (secrets.join, secrets.rr):
+            path.write_bytes(hashlib.sha256(f"simulate-test {k} {path.name}".encode()).digest())
     spec = SimulationSpec(
-        work_dir=tmp_path_factory.mktemp("sim") / "work",
+        work_dir=work_dir,
         world=WorldConfig(rows=90_000, users=5_000, pretrain_rows=90_000, holdout_rows=40_000, seed=3),
         model=ModelShape(mlp_dims=(64, 32)),
         epsilon=3.0,
@@ -48,9 +56,9 @@ def test_correction_restores_calibration_that_randomized_response_breaks(small_r
     assert results["eps=3,forward"]["ne"] < results["eps=3,none"]["ne"]
 
 
-def test_private_auc_stays_close_to_non_private(small_run):
+def test_private_auc_stays_within_one_percent_of_non_private(small_run):
     results = small_run[1]["results"]
-    assert results["eps=3,forward"]["auc"] >= 0.97 * results["non_private"]["auc"]
+    assert results["eps=3,forward"]["auc"] >= 0.99 * results["non_private"]["auc"]
 
 
 def test_every_round_crossed_the_wire_and_was_accepted(small_run):
