@@ -176,6 +176,11 @@ def test_a_csv_feature_log_and_an_advertisers_own_conversions_file(tmp_path, cap
     out = _run(capsys, tmp_path, (platform / "runs", room), "train", "--platform-dir", str(platform), "--clean-rooms", str(room), *TRAINING)
     _assert_sane(_private_figures(out))
     assert not PlatformDir(platform).oracle.exists()  # a real platform has no true labels: none were used
+    # A run the clean room cannot serve (a batch larger than its rows) is a failed run: exit 1, the room named.
+    code = main(["train", "--platform-dir", str(platform), "--clean-rooms", str(room), "--run-name", "too-big",
+                 "--rounds", "2", "--batch-size", "60000", "--min-batch-size", "60000"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pcvr:")]
+    assert code == 1 and len(lines) == 1 and "clean room 0" in lines[0] and "too_few_rows" in lines[0], lines
 
 
 def test_criteo_format_tsv_with_two_advertisers(tmp_path, capsys):

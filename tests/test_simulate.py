@@ -15,6 +15,7 @@ import pytest
 from pcvr.cli import main
 from pcvr.data.synth import WorldConfig
 from pcvr.models.cvr import ModelShape
+from pcvr.parties import open_clean_room
 from pcvr.protocols.layout import SimulationDir
 from pcvr.simulate import SimulationSpec, simulate
 
@@ -22,10 +23,13 @@ from pcvr.simulate import SimulationSpec, simulate
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimulationSpec, dict]:
     work_dir = tmp_path_factory.mktemp("sim") / "work"
-    for k in range(3):  # fixed advertiser secrets: the same noisy labels on every run of this test
+    for k in range(3):  # fixed secrets: the same noisy labels and held-out rows, so the same figures, on every run
         secrets = SimulationDir(work_dir).secrets(k)
         secrets.join.parent.mkdir(parents=True, exist_ok=True)
-        for path in (secrets.join, secrets.rr):
+        room = SimulationDir(work_dir).clean_room(k)
+        open_clean_room(room)
+        room.holdout_key.unlink()
+        for path in (secrets.join, secrets.rr, room.holdout_key):
             path.write_bytes(hashlib.sha256(f"simulate-test {k} {path.name}".encode()).digest())
     spec = SimulationSpec(
         work_dir=work_dir,
