@@ -120,11 +120,32 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared {spec.work_dir}: label sets {', '.join(spec.label_sets())}")
 
 
+def _progress_printer():
+    """One line per setting on stderr: rewritten each round on a terminal; elsewhere (logs, CI) its evaluated rounds."""
+    from pcvr.platform.federation import ROUND_LINE_PREFIX
+
+    live = sys.stderr.isatty()
+    state = {"setting": None}
+
+    def show(setting: str, line: str) -> None:
+        text = f"{setting:<16} {line.removeprefix(ROUND_LINE_PREFIX).strip()}"
+        if live:
+            end = "\n" if state["setting"] not in (None, setting) else ""
+            print(f"{end}\r\033[K{text}", end="", file=sys.stderr, flush=True)
+        elif "AUC" in line:
+            print(text, file=sys.stderr, flush=True)
+        state["setting"] = setting
+
+    return show
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from pcvr.simulate import format_table, simulate
 
     spec = _spec(args)
-    summary = simulate(spec)
+    summary = simulate(spec, progress=None if args.json else _progress_printer())
+    if sys.stderr.isatty() and not args.json:
+        print(file=sys.stderr)  # end the live progress line
     if args.json:
         keys = ("results", "failures", "rounds", "wall_s", "bytes_up", "bytes_down", "codec", "downstream_codec", "parameters")
         print(json.dumps({k: summary[k] for k in keys}))

@@ -272,8 +272,10 @@ def run_setting(
     return parties.train(spec.layout.platform, rooms, config, on_round=on_round)
 
 
-def simulate(spec: SimulationSpec) -> dict:
+def simulate(spec: SimulationSpec, *, progress: Callable[[str, str], None] | None = None) -> dict:
     """Prepare, then run the backbone, non-private, corrected and uncorrected settings.
+
+    ``progress`` gets (setting, the platform's line) at the end of every round.
 
     A setting that fails (a clean room failed its pre-flight check or served too few
     rounds, or no update was applied) stops the simulation: its row says FAILED and
@@ -300,7 +302,8 @@ def simulate(spec: SimulationSpec) -> dict:
     bytes_up = bytes_down = 0
     failures: list[str] = []
     for name, (label_set, correction) in runs.items():
-        result = run_setting(spec, name=name, label_set=label_set, correction=correction)
+        on_round = None if progress is None else (lambda line, name=name: progress(name, line))
+        result = run_setting(spec, name=name, label_set=label_set, correction=correction, on_round=on_round)
         served = {room: entry["served"] for room, entry in result["participation"].items()}
         if result["failures"]:
             results[name] = {"failed": result["failures"][0], "served": served}
