@@ -104,6 +104,7 @@ def _spec(args: argparse.Namespace):
         dp_noise_multiplier=args.dp_noise_multiplier,
         dp_target_epsilon=args.dp_target_epsilon,
         dp_clip_norm=args.dp_clip_norm,
+        local_steps=args.local_steps,
     )
 
 

@@ -36,6 +36,7 @@ _TRAINING_FLAGS = {
     "--dp-noise-multiplier": "dp_noise_multiplier",
     "--dp-target-epsilon": "dp_target_epsilon",
     "--dp-clip-norm": "dp_clip_norm",
+    "--local-steps": "local_steps",
 }
 _HELP = {
     "num_rounds": "federated rounds",
@@ -48,6 +49,7 @@ _HELP = {
     "dp_noise_multiplier": "DP-SGD σ in the clean rooms (0: off)",
     "dp_target_epsilon": "or the DP-SGD ε to reach (0: off)",
     "dp_clip_norm": "DP-SGD per-example clip",
+    "local_steps": "Adam steps each clean room takes per round, each on its own batch (1: send one batch's gradient)",
 }
 
 
@@ -140,6 +142,17 @@ def format_private_table(private: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _interrupted_run(run_dir: Path) -> int:
+    """The run id the checkpoint in ``run_dir`` belongs to, for ``--resume`` (one line when there is none)."""
+    from pcvr.platform.federation import CHECKPOINT_FILE
+    from pcvr.platform.training import AdapterTrainer
+
+    state = AdapterTrainer.saved_run_state(run_dir / CHECKPOINT_FILE)
+    if not state or not isinstance(state.get("run"), int):
+        raise ValueError(f"--resume: {run_dir / CHECKPOINT_FILE} does not say which run it belongs to")
+    return state["run"]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pcvr.parties import common_label_set, train
 
@@ -147,9 +160,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rooms = [CleanRoomDir(path) for path in args.clean_rooms]
     label_set = args.label_set or common_label_set(rooms)
     name = args.run_name or f"{label_set},{args.correction}"
+    run_dir = platform.run_dir(name)
     config = training_config(
-        args, label_set=label_set, platform_dir=Path(platform.root), run_dir=platform.run_dir(name),
-        clean_rooms=len(rooms), seed=args.seed,
+        args, label_set=label_set, platform_dir=Path(platform.root), run_dir=run_dir,
+        clean_rooms=len(rooms), seed=args.seed, resume_run=_interrupted_run(run_dir) if args.resume else 0,
     )
     result = train(platform, rooms, config)
     print(format_private_table(result["private"]))
@@ -207,5 +221,9 @@ def add_party_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--label-set", default=None, help="label set to train on (default: the one every clean room has)")
     train.add_argument("--run-name", default=None, help="results go to PLATFORM_DIR/runs/NAME (default: LABEL_SET,CORRECTION)")
     train.add_argument("--seed", type=int, default=RunConfig.seed, help="adapters' initialisation and batch sampling (default: %(default)s)")
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the interrupted run in PLATFORM_DIR/runs/NAME from its last checkpoint (same options as it had)",
+    )
     add_training_arguments(train)
     train.set_defaults(func=_cmd_train)

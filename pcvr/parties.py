@@ -335,7 +335,8 @@ def train(
 
     config = dataclasses.replace(config, platform_dir=Path(platform.root), clean_rooms=len(rooms))
     check_training_inputs(platform, rooms, label_set=config.label_set)
-    shutil.rmtree(config.run_dir, ignore_errors=True)
+    if not config.resume_run:  # a resumed run goes on from the checkpoint in its run dir
+        shutil.rmtree(config.run_dir, ignore_errors=True)
     directories = {k: Path(room.root).resolve() for k, room in enumerate(rooms)}
     return run_simulation_engine(
         config.to_run_config(), clean_room_dirs=directories, engine_dir=config.run_dir / "engine", out=on_round

@@ -85,6 +85,7 @@ class SimulationSpec:
     dp_noise_multiplier: float = 0.0
     dp_target_epsilon: float = 0.0
     dp_clip_norm: float = 1.0
+    local_steps: int = RunConfig.local_steps
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0 or math.isinf(self.epsilon):
@@ -127,6 +128,7 @@ class SimulationSpec:
             dp_noise_multiplier=self.dp_noise_multiplier,
             dp_target_epsilon=self.dp_target_epsilon,
             dp_clip_norm=self.dp_clip_norm,
+            local_steps=self.local_steps,
         )
         return dataclasses.replace(config, **overrides)
 

@@ -96,3 +96,13 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, monkeypatch) -> No
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         _resume_state(dataclasses.replace(config, run_dir=tmp_path / "elsewhere"), make_trainer())
     assert _resume_state(dataclasses.replace(config, resume_run=0), make_trainer()) is None  # a new run
+
+
+def test_pcvr_train_resume_names_the_run_its_checkpoint_belongs_to(tmp_path, monkeypatch) -> None:
+    from pcvr.cli_parties import _interrupted_run
+
+    with pytest.raises(SimulatedCrash):
+        train(monkeypatch, tmp_path, make_trainer(total_steps=ROUNDS), run_id=FIRST_RUN, crash_at=("train", 3))
+    assert _interrupted_run(tmp_path / "run") == FIRST_RUN
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        _interrupted_run(tmp_path / "never-ran")
