@@ -43,7 +43,7 @@ from pcvr.data.encoding import FeatureEncoding
 from pcvr.data.io import write_bytes_atomic, write_json_atomic
 from pcvr.data.prepared import prepare_artifact, require_secret
 from pcvr.data.spec import DatasetSpec
-from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec, synthesize
+from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec, holdout_spec_path, synthesize
 from pcvr.models.cvr import ModelShape, attach_adapters, load_backbone, parameter_counts
 from pcvr.oracle import HeldOutRows, held_out_truth
 from pcvr.platform.evaluate import holdout_metrics, predict
@@ -185,14 +185,15 @@ def prepare(spec: SimulationSpec) -> dict:
         platform.backbone,
         {
             "spec": platform_spec,
-            "pretrain": world_dir / "platform" / "pretrain.parquet",
+            **_data_files("pretrain", DatasetSpec.load(platform_spec).require("pretrain").paths),
             "model": dataclasses.asdict(spec.model),
             "epochs": spec.pretrain_epochs,
             "seed": spec.seed,
         },
         lambda: parties.pretrain(platform_spec, platform, settings=settings, shape=spec.model, replace=True),
     )
-    holdout = world_dir / "holdout.parquet"  # what only a simulation knows: the platform evaluates on it
+    # What only a simulation knows, the holdout's true labels: the platform evaluates on them.
+    (holdout,) = DatasetSpec.load(holdout_spec_path(world_dir)).require("pretrain").paths
 
     def copy_holdout() -> None:
         _copy(holdout, platform.oracle_holdout)
@@ -203,21 +204,22 @@ def prepare(spec: SimulationSpec) -> dict:
     for k, (join_secret, rr_secret) in enumerate(secrets):
         room, export = work.clean_room(k), work.export(k)
         advertiser_spec = advertiser_spec_path(world_dir, k)
+        data = DatasetSpec.load(advertiser_spec)
         prepare_artifact(
             export.features,
-            {"spec": advertiser_spec, "features": world_dir / "platform" / "features" / f"advertiser_{k}.parquet",
+            {"spec": advertiser_spec, **_data_files("features", data.require("features").paths),
              "join_secret": join_secret, "backbone": platform.backbone},
             lambda: parties.export(advertiser_spec, platform, join_secret=join_secret, out=export),
         )
         holdout_key = parties.open_clean_room(room)
         # The advertiser's own rules for its clean room; here the spec speaks for every advertiser.
         write_bytes_atomic(room.policy, RoomPolicy(min_batch_size=spec.min_batch_size).to_toml().encode())
-        conversions = world_dir / f"advertiser_{k}" / "conversions.parquet"
+        conversions = _data_files("conversions", data.require("conversions").paths)
         for name, policy in spec.label_sets().items():
             handoff = work.handoff(k, name)
             prepare_artifact(
                 handoff.labels,
-                {"spec": advertiser_spec, "conversions": conversions, "consent_policy": policy.to_dict(),
+                {"spec": advertiser_spec, **conversions, "consent_policy": policy.to_dict(),
                  "join_secret": join_secret, "rr_secret": rr_secret},
                 lambda: parties.hand_off(
                     advertiser_spec, policy=policy, join_secret=join_secret, rr_secret=rr_secret, out=handoff, label_set=name
@@ -232,6 +234,11 @@ def prepare(spec: SimulationSpec) -> dict:
             )
             ledgers.setdefault(name, []).append(json.loads(label_set.ledger.read_text()))
     return {"world": world, "ledgers": ledgers}
+
+
+def _data_files(name: str, paths) -> dict[str, Path]:
+    """A spec section's data files as inputs of a prepared artifact, each recorded by its content."""
+    return {f"{name}[{i}]": Path(path) for i, path in enumerate(paths)}
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -61,7 +61,7 @@ def test_a_secret_that_is_a_directory(tmp_path, capsys) -> None:
 
 
 def test_a_garbage_backbone(copy, capsys) -> None:
-    (copy / "platform" / "backbone" / "backbone.pt").write_bytes(b"\x80\x02garbage")
+    (SimulationDir(copy).platform.backbone / "backbone.pt").write_bytes(b"\x80\x02garbage")
     code, line = run(capsys, "simulate", "--work-dir", str(copy), *WORLD, "--rounds", "1")
     assert code == 2 and "platform/backbone/backbone.pt: not a backbone saved by pcvr" in line
     assert "weights_only" not in line
@@ -112,7 +112,7 @@ def test_a_deleted_join_secret_is_not_regenerated_beside_data_made_with_it(copy,
 
 
 def test_a_changed_consent_policy_is_applied_not_ignored(copy, capsys) -> None:
-    ledger = copy / "clean_room_0" / "eps=3" / "ledger.json"
+    ledger = SimulationDir(copy).clean_room(0).label_set("eps=3").ledger
     assert json.loads(ledger.read_text())["levels"]["limited"]["epsilon"] == 1.0
     policy = copy.parent / "policy.toml"
     policy.write_text('[levels]\nstandard = 3.0\nlimited = 0.5\nopt_out = "exclude"\n')
