@@ -35,6 +35,14 @@ ATTACK_LABELS = {
     "least_squares": "least-squares inversion",
 }
 
+LEVEL_STYLES = {
+    "non-private (ε = ∞)": {"color": "black", "linestyle": "--"},
+    "frozen backbone": {"color": "tab:gray", "linestyle": ":"},
+    "perfectly calibrated": {"color": "tab:green", "linestyle": "-."},
+    "chance": {"color": "tab:gray", "linestyle": ":"},
+    "no DP-SGD": {"color": "black", "linestyle": "--"},
+}
+
 
 @dataclass(frozen=True)
 class Series:
@@ -233,7 +241,8 @@ def draw(plot: Plot) -> Figure:
     for curve in plot.curves:
         axes.plot(curve.x, curve.y, color="black", linewidth=1.5, label=curve.label)
     for level in plot.levels:
-        axes.axhline(level.y, linestyle="--", linewidth=1, color="gray" if level.label == "chance" else None, label=level.label)
+        style = LEVEL_STYLES.get(level.label, {"color": "tab:purple", "linestyle": "--"})
+        axes.axhline(level.y, linewidth=1.2, label=level.label, **style)
     if plot.log_x:
         axes.set_xscale("log")
     axes.set_title(plot.title, fontsize=10)
