@@ -42,6 +42,8 @@ LEVEL_STYLES = {
     "chance": {"color": "tab:gray", "linestyle": ":"},
     "no DP-SGD": {"color": "black", "linestyle": "--"},
 }
+TRAINING_FLOOR = "training alone (spread at ε = ∞)"
+LEVEL_STYLES[TRAINING_FLOOR] = {"color": "tab:gray", "linestyle": ":"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Plot:
     levels: list[Level] = field(default_factory=list)
     curves: list[Series] = field(default_factory=list)  # drawn without markers (e.g. the label-DP bound)
     log_x: bool = False
+    log_y: bool = False
 
     @property
     def file(self) -> str:
@@ -130,7 +133,10 @@ def _metric_vs_epsilon(name: str, metric: str, label: str, curves: dict, backbon
     levels.append(Level("frozen backbone", backbone[metric]))
     if metric == "calibration":
         levels.append(Level("perfectly calibrated", 1.0))
-    return Plot(name, f"{label} vs label-DP ε", "label-DP ε of standard consent (log scale)", label, series, levels, log_x=True)
+    log_y = metric == "calibration"  # a ratio: 2x over and 2x under are as far from 1
+    ylabel = f"{label} (log scale)" if log_y else label
+    return Plot(name, f"{label} vs label-DP ε", "label-DP ε of standard consent (log scale)", ylabel, series, levels,
+                log_x=True, log_y=log_y)  # fmt: skip
 
 
 def _attack_plot(entries: Sequence[dict], reference: dict) -> Plot | None:
@@ -177,13 +183,14 @@ def _bytes_plot(entries: Sequence[dict], reference: dict) -> Plot | None:
     )
 
 
-def _dp_sgd_plot(entries: Sequence[dict], reference: dict) -> Plot | None:
+def _dp_sgd_plot(entries: Sequence[dict], reference: dict, backbone: dict) -> Plot | None:
     cells = _pivot(entries, "dp_noise_multiplier", reference)
     noisy = [e for e in cells if as_float(e["dp_noise_multiplier"]) > 0]
     if not noisy:
         return None
     series = [_series("DP-SGD in the clean rooms", noisy, x_of=lambda e: _mean(e, "dp_sgd_epsilon"), metric="auc")]
     levels = [Level("no DP-SGD", _mean(e, "auc")) for e in cells if as_float(e["dp_noise_multiplier"]) == 0]
+    levels.append(Level("frozen backbone", backbone["auc"]))
     where = noisy[0]
     return Plot(
         "dp_sgd_vs_auc",
@@ -204,12 +211,14 @@ def _spread_plot(planner: Sequence[dict]) -> Plot | None:
         points = [(p["epsilon"], p["measured"][correction]) for p in planner if p["measured"].get(correction) is not None]
         if points:
             series.append(Series(f"measured: spread over seeds, {correction}", [x for x, _ in points], [y for _, y in points]))
+    floor = planner[0]["training_floor"]
     return Plot(
         "calibration_spread_vs_epsilon",
         "Planner vs sweep: relative spread of calibration over seeds",
         "label-DP ε of standard consent (log scale)",
         "relative standard deviation of calibration",
         series,
+        [] if floor is None else [Level(TRAINING_FLOOR, floor)],
         log_x=True,
     )
 
@@ -223,7 +232,7 @@ def build_plots(entries: Sequence[dict], *, reference: dict, backbone: dict, pla
         _metric_vs_epsilon("ne_vs_epsilon", "ne", "normalized entropy", curves, backbone),
         _attack_plot(entries, reference),
         _bytes_plot(entries, reference),
-        _dp_sgd_plot(entries, reference),
+        _dp_sgd_plot(entries, reference, backbone),
         _spread_plot(planner),
     ]
     return [p for p in plots if p is not None and p.series]
@@ -245,6 +254,12 @@ def draw(plot: Plot) -> Figure:
         axes.axhline(level.y, linewidth=1.2, label=level.label, **style)
     if plot.log_x:
         axes.set_xscale("log")
+        ticks = sorted({x for series in plot.series for x in series.x})
+        if 0 < len(ticks) <= 12:  # the values swept, not powers of ten
+            axes.set_xticks(ticks, [f"{t:,.0f}" if t >= 100 else f"{t:.3g}" for t in ticks])
+            axes.minorticks_off()
+    if plot.log_y:
+        axes.set_yscale("log")
     axes.set_title(plot.title, fontsize=10)
     axes.set_xlabel(plot.xlabel)
     axes.set_ylabel(plot.ylabel)

@@ -177,3 +177,27 @@ def test_shipped_grids_load_and_have_three_seeds() -> None:
         assert len({c.codec for c in cells}) >= 2 and any(c.dp_noise_multiplier > 0 for c in cells)
         assert len({c.min_batch_size for c in cells if c.kind.value == "train"}) >= 2
     assert as_float("inf") == math.inf
+
+
+def test_planner_check_uses_the_cells_own_rows_and_the_seed_spread() -> None:
+    from pcvr.report.planner import mixed_rate_se
+    from pcvr.report.report import planner_check
+
+    config = {"codec": "q8", "dp_noise_multiplier": 0.0, "min_batch_size": 512}
+
+    def entry(epsilon, correction, calibrations):
+        rows = [{"name": f"{epsilon},{correction}", "calibration": c, "train_rows_by_epsilon": "3:9000;1:1000"} for c in calibrations]
+        return rows, {"name": f"{epsilon},{correction}", "epsilon": epsilon, "correction": correction, **config,
+                      "seeds": len(calibrations), "mean": {"calibration": statistics.fmean(calibrations)},
+                      "std": {"calibration": statistics.stdev(calibrations)}}  # fmt: skip
+
+    forward_rows, forward = entry(3.0, "forward", [0.9, 1.0, 1.1])
+    _, backward = entry(3.0, "backward", [0.8, 1.0, 1.2])
+    _, clean = entry("inf", "none", [0.98, 1.0, 1.02])
+    (check,) = planner_check([forward, backward, clean], forward_rows, reference={"train_positive_rate": 0.02}, reference_config=config)
+    groups = [(9000, 3.0), (1000, 1.0)]
+    assert check["train_rows"] == 10_000
+    assert check["planner_relative_se"] == pytest.approx(mixed_rate_se(base_rate=0.02, groups=groups, sampling=False) / 0.02)
+    assert check["planner_relative_se"] < check["planner_relative_se_with_sampling"]
+    assert check["measured"]["forward"] == pytest.approx(0.1) and check["measured"]["backward"] == pytest.approx(0.2)
+    assert check["training_floor"] == pytest.approx(0.02)
