@@ -45,6 +45,14 @@ def _tasks(grid: ReportGrid, layout: ReportLayout) -> list[CellTask]:
     return [cell_task(grid, cell, out=layout.out, secrets_digest=digests[cell.seed]) for cell in grid.cells()]
 
 
+def _line(bar, task: CellTask, error: BaseException | None, started: float) -> str:
+    elapsed = time.monotonic() - started
+    done = int(bar.completed)
+    left = "" if bar.remaining == 0 else f", about {bar.time_remaining or 0:.0f} s left"
+    state = "done" if error is None else f"FAILED ({error})"
+    return f"[{done}/{int(bar.total)}] {task.cell.name}: {state}; {elapsed:.0f} s elapsed{left}"
+
+
 def run_cells(grid: ReportGrid, *, out: Path, jobs: int, show_progress: bool = True) -> SweepOutcome:
     """Run the grid's missing cells with ``jobs`` worker processes; returns every cell's row.
 
@@ -86,6 +94,8 @@ def run_cells(grid: ReportGrid, *, out: Path, jobs: int, show_progress: bool = T
                                 log = layout.artifacts(task.key) / "log.txt"
                                 failures.append(f"cell {task.cell.name} failed: {error} (log: {log})")
                             progress.advance(bar)
+                            if show_progress and not console.is_terminal:  # a log, not a live bar: one line per cell
+                                console.print(_line(progress.tasks[0], task, error, started), soft_wrap=True)
                 except KeyboardInterrupt:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
