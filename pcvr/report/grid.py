@@ -194,20 +194,19 @@ class ReportGrid:
         return listed
 
     def cell_key(self, cell: Cell, *, secrets_digest: str) -> str:
-        """A hash of everything that changes ``cell``'s result: its configuration, the grid's
-        world, model, shared settings and audit size, the seed's secrets, pcvr's version."""
+        """A hash of everything that changes ``cell``'s result: its configuration, its whole
+        simulation spec (world, model, policy, every run setting, defaults included), the
+        audit's size when audited, the seed's secrets and pcvr's version."""
+        spec = self.spec(work_dir=Path("."), cell=cell)
         document = {
             "format": CELL_FORMAT,
             "pcvr": pcvr.__version__,
             "cell": cell.to_dict(),
-            "world": dataclasses.asdict(self.world),
-            "model": dataclasses.asdict(self.model),
-            "policy": self.policy.to_dict(),
-            "run": {k: str(v) if isinstance(v, (Codec, Correction)) else v for k, v in sorted(self.run.items()) if k not in AXES},
+            "spec": {f.name: repr(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name != "work_dir"},
             "audit": dataclasses.asdict(self.audit) if cell.audit else None,
             "secrets": secrets_digest,
         }
-        return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:20]
 
 
 # --- parsing -----------------------------------------------------------------------------------
