@@ -34,7 +34,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)  # every cell validated before anything runs
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
-    document = make_report(grid, out=args.out, jobs=args.jobs, show_progress=not args.no_progress)
+    try:
+        document = make_report(grid, out=args.out, jobs=args.jobs, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        raise RuntimeError(
+            f"interrupted; the cells that finished are cached in {args.out / 'cells'}: the same command resumes"
+        ) from None
     for name in document["plots"]:
         print(f"{name}: {headline(name, document)}")
     print(

@@ -209,7 +209,12 @@ def _ledger_html(document: dict) -> str:
     rows = []
     for eps, entry in ledger["label_dp"].items():
         for level, summary in sorted(entry["levels"].items()):
-            spent = "excluded (never leaves the advertiser)" if summary["excluded"] else _f(as_float(summary["epsilon"]), 2)
+            if summary["excluded"]:
+                spent = "excluded (never leaves the advertiser)"
+            elif summary["epsilon"] is None or as_float(summary["epsilon"]) == math.inf:
+                spent = "∞ (randomized response off)"
+            else:
+                spent = _f(as_float(summary["epsilon"]), 2)
             rows.append([eps, level, spent, f"{summary['records']:,}"])
     text = _table(["run at ε", "consent level", "label-DP ε applied", "records"], rows)
     dp = "; ".join(f"σ={sigma}: ε={v['epsilon_max']:.2f} at δ={v['delta']:g}" for sigma, v in ledger["dp_sgd"].items())
