@@ -10,6 +10,7 @@
     pcvr certs --out DIR [--hosts H,...] [--clean-rooms N]  TLS CA + SuperLink certificate, SuperNode keys
     pcvr deploy local [options]     every party as a real process: SuperLink + SuperNodes, TLS + node auth
     pcvr plan --base-rate P --rows N [--epsilon E ...]  what each ε costs, before any budget is spent
+    pcvr report [--grid G] [--out DIR] [--jobs N]  sweep a grid; results, plots and one HTML page
 
 Bad input ends with one line, ``pcvr: error: …``, naming the file or the flag, and exit
 status 2 (``--debug`` shows the traceback instead); a simulation in which a clean room
@@ -412,6 +413,9 @@ def _parser() -> argparse.ArgumentParser:
     planner.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, help="(default: %(default)s)")
     planner.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     planner.set_defaults(func=_cmd_plan)
+    from pcvr.report.cli import add_report_command
+
+    add_report_command(commands)
     return parser
 
 
