@@ -8,8 +8,10 @@ an interrupted report, or one whose grid grew, runs only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -22,6 +24,42 @@ from pcvr.report.cells import CellTask, ReportLayout, cell_task, execute, prepar
 from pcvr.report.grid import CellKind, ReportGrid
 
 __all__ = ["SweepOutcome", "run_cells", "default_jobs"]
+
+KILL_GRACE_S = 5.0
+
+
+def _worker_start(workers: Path) -> None:
+    """In each worker: lead a process group of its own (Ray's processes join it), and say so.
+
+    Ray ignores the terminal's Ctrl-C in its driver, so on an interrupt the report stops
+    each worker's whole group itself (:func:`_stop_workers`).
+    """
+    os.setpgrp()
+    workers.mkdir(parents=True, exist_ok=True)
+    (workers / str(os.getpid())).touch()
+
+
+def _stop_workers(workers: Path, *, kill: bool) -> None:
+    """Forget this run's workers; with ``kill``, first stop each one's process group (they are alive)."""
+    groups = [int(entry.name) for entry in workers.glob("*") if entry.name.isdigit()]
+    if kill:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # Ray's driver may not finish on SIGTERM alone
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, sig)
+            deadline = time.monotonic() + KILL_GRACE_S
+            while time.monotonic() < deadline and any(_alive(group) for group in groups):
+                time.sleep(0.2)
+    for entry in workers.glob("*"):
+        entry.unlink(missing_ok=True)
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def default_jobs() -> int:
@@ -78,7 +116,12 @@ def run_cells(grid: ReportGrid, *, out: Path, jobs: int, show_progress: bool = T
         bar = progress.add_task("cached", total=len(tasks), completed=len(tasks) - len(todo))
         if todo:
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+            workers = layout.out / "work" / "workers"
+            _stop_workers(workers, kill=False)  # an earlier run's records: their processes are gone
+            pool = ProcessPoolExecutor(
+                max_workers=min(jobs, len(todo)), mp_context=context, initializer=_worker_start, initargs=(workers,)
+            )
+            with pool:
                 pending: dict[Future, CellTask] = {pool.submit(execute, task): task for task in todo}
                 try:
                     while pending:
@@ -98,7 +141,9 @@ def run_cells(grid: ReportGrid, *, out: Path, jobs: int, show_progress: bool = T
                                 console.print(_line(progress.tasks[0], task, error, started), soft_wrap=True)
                 except KeyboardInterrupt:
                     pool.shutdown(wait=False, cancel_futures=True)
+                    _stop_workers(workers, kill=True)
                     raise
+            _stop_workers(workers, kill=False)
         progress.update(bar, description="done")
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(todo)} cells failed; the rest are cached. First: {failures[0]}")
