@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pcvr.data.io import write_json_atomic
-from pcvr.data.prepared import record_path
 from pcvr.protocols.keys import load_or_create_secret
+from pcvr.protocols.layout import PRIVACY_LEDGER_FILE, RESULT_FILE, SimulationDir
 from pcvr.report.grid import Cell, CellKind, ReportGrid
 
 __all__ = ["CellTask", "ReportLayout", "prepare_base", "seed_secrets", "cell_task", "run_cell", "execute", "read_row"]
@@ -91,23 +90,23 @@ def prepare_base(grid: ReportGrid, layout: ReportLayout) -> dict:
     """The world and backbone every cell shares, and the reference figures: the frozen
     backbone's holdout metrics and the clean training rows' true conversion rate."""
     from pcvr.models.cvr import attach_adapters, load_backbone, parameter_counts
-    from pcvr.platform.app import backbone_dir, holdout_path
+    from pcvr.platform.app import load_oracle_holdout
     from pcvr.platform.evaluate import holdout_metrics, predict
-    from pcvr.platform.features import read_labelled
     from pcvr.simulate import NON_PRIVATE, prepare
 
     spec = grid.spec(work_dir=layout.base)
     prepare(spec)
-    backbone = load_backbone(backbone_dir(layout.base))
-    features, labels, _ = read_labelled(holdout_path(layout.base), buckets=backbone.config.buckets)
+    platform = SimulationDir(layout.base).platform
+    backbone = load_backbone(platform.backbone)
+    holdout = load_oracle_holdout(platform, backbone)
     clean = [_train_table(layout.base, k, NON_PRIVATE) for k in range(grid.world.advertisers)]
     positives = sum(float(np.sum(t.column("noisy_label").to_numpy())) for t in clean)  # no noise: the true labels
     rows = sum(t.num_rows for t in clean)
     reference = {
-        "backbone": holdout_metrics(labels, predict(backbone, features)),
+        "backbone": holdout_metrics(holdout.labels, predict(backbone, holdout.features)),
         "train_positive_rate": positives / rows,
         "train_rows": rows,
-        "holdout_rows": int(len(labels)),
+        "holdout_rows": int(len(holdout.labels)),
         "parameters": parameter_counts(attach_adapters(backbone)),
     }
     write_json_atomic(layout.reference, reference)
@@ -115,9 +114,12 @@ def prepare_base(grid: ReportGrid, layout: ReportLayout) -> dict:
 
 
 def _train_table(work: Path, advertiser: int, label_set: str):
-    from pcvr.clean_room.app import clean_room_dir
+    """A clean room's joined training rows (Arrow IPC), only the columns the report reads."""
+    import pyarrow as pa
 
-    return pq.read_table(clean_room_dir(work, advertiser) / label_set / "train.parquet", columns=["noisy_label", "epsilon"])
+    path = SimulationDir(work).clean_room(advertiser).label_set(label_set).train
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all().select(["noisy_label", "epsilon"])
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -131,17 +133,32 @@ def _link_tree(source: Path, target: Path) -> None:
 
 
 def _cell_work_dir(task: CellTask) -> Path:
-    """A fresh work dir for the cell: the shared world and backbone linked, the seed's secrets copied."""
-    from pcvr.platform.app import backbone_dir
-
+    """A fresh work dir for the cell: the shared world and platform directory linked, the seed's secrets copied
+    where each party keeps them (the advertisers' join and RR keys, each clean room's held-out key)."""
     layout = ReportLayout(task.out)
-    work = layout.work(task.key)
-    shutil.rmtree(work, ignore_errors=True)
-    _link_tree(layout.base / "world", work / "world")
-    _link_tree(backbone_dir(layout.base), backbone_dir(work))
-    shutil.copy2(record_path(backbone_dir(layout.base)), record_path(backbone_dir(work)))
-    _link_tree(layout.secrets(task.cell.seed), work / "secrets")
-    return work
+    base, work = SimulationDir(layout.base), SimulationDir(layout.work(task.key))
+    shutil.rmtree(work.root, ignore_errors=True)
+    _link_tree(base.world, work.world)
+    platform = base.platform
+    for entry in Path(platform.root).iterdir():
+        if entry.name == Path(platform.runs).name:
+            continue  # the base's own runs are not the cell's
+        target = Path(work.platform.root) / entry.name
+        if entry.is_dir():
+            _link_tree(entry, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry, target)
+    from pcvr.parties import open_clean_room
+
+    seed_dir = layout.secrets(task.cell.seed)
+    for k in range(task.grid.world.advertisers):
+        secrets, room = work.secrets(k), work.clean_room(k)
+        open_clean_room(room)  # an empty clean room (no label set yet), whose held-out key the seed's replaces
+        for source, target in ((secrets.join, "join.key"), (secrets.rr, "rr.key"), (room.holdout_key, "holdout.key")):
+            source.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(seed_dir / f"advertiser_{k}" / target, source)
+    return Path(work.root)
 
 
 def _rows_by_epsilon(work: Path, advertisers: int, label_set: str) -> str:
@@ -233,11 +250,11 @@ def run_cell(task: CellTask) -> dict:
     label_set = NON_PRIVATE if math.isinf(cell.epsilon) else spec.private_label_set
     result = run_setting(spec, name="cell", label_set=label_set, correction=cell.correction, seed=cell.seed)
     run_dir = spec.run_config(label_set=label_set, correction=cell.correction, name="cell").run_dir
-    for name in ("result.json", "privacy_ledger.json"):
+    for name in (RESULT_FILE, PRIVACY_LEDGER_FILE):
         shutil.copy2(run_dir / name, artifacts / name)
     if result["failures"]:
         raise RuntimeError(f"cell {cell.name}: the run failed: {result['failures'][0]}")
-    ledger = json.loads((run_dir / "privacy_ledger.json").read_text(encoding="utf-8"))
+    ledger = json.loads((run_dir / PRIVACY_LEDGER_FILE).read_text(encoding="utf-8"))
     row = {
         "cell": task.key,
         "name": cell.config_name,

@@ -7,7 +7,7 @@ the canary audit's size, how many seeds each cell gets, and one or more sweeps::
 
     [world]            # pcvr.data.synth.WorldConfig fields
     rows = 60000
-    [model]            # pcvr.models.cvr.ModelConfig fields
+    [model]            # pcvr.models.cvr.ModelShape fields (the data decides the buckets)
     mlp_dims = [64, 32]
     [run]              # SimulationSpec fields shared by every run, and the reference
     num_rounds = 30    # value of each sweep axis that a sweep leaves out
@@ -44,7 +44,7 @@ import pcvr
 from pcvr.advertiser.policy import ConsentPolicy
 from pcvr.data.schema import ConsentLevel
 from pcvr.data.synth import WorldConfig
-from pcvr.models.cvr import ModelConfig
+from pcvr.models.cvr import ModelShape
 from pcvr.protocols.codecs import Codec
 from pcvr.protocols.label_dp import Correction
 from pcvr.simulate import SimulationSpec
@@ -134,7 +134,7 @@ class ReportGrid:
 
     name: str
     world: WorldConfig
-    model: ModelConfig
+    model: ModelShape
     run: dict[str, object]  # SimulationSpec keyword arguments (RUN_KEYS), parsed
     audit: AuditPlan
     seeds: int
@@ -278,7 +278,7 @@ def parse_grid(text: str, *, source: str, name: str) -> ReportGrid:
         raise ValueError(f"{source}: {error}") from None
     _known(document, ("seeds", "world", "model", "run", "audit", "sweep", "description"), source=source, where="the grid")
     tables = {key: _table(document, key, source=source) for key in ("world", "model", "run", "audit")}
-    for key, cls in (("world", WorldConfig), ("model", ModelConfig), ("audit", AuditPlan)):
+    for key, cls in (("world", WorldConfig), ("model", ModelShape), ("audit", AuditPlan)):
         _known(tables[key], {f.name for f in dataclasses.fields(cls)}, source=source, where=f"[{key}]")
     _known(tables["run"], RUN_KEYS, source=source, where="[run]")
     seeds = document.get("seeds", 3)
@@ -295,7 +295,7 @@ def parse_grid(text: str, *, source: str, name: str) -> ReportGrid:
         grid = ReportGrid(
             name=name,
             world=WorldConfig(**world_table),
-            model=ModelConfig(**model_table),
+            model=ModelShape(**model_table),
             run={k: _axis_value(k, v, source=source, where="[run]") for k, v in tables["run"].items()},
             audit=AuditPlan(**tables["audit"]),
             seeds=seeds,

@@ -19,7 +19,6 @@ holdout_rows = 3000
 seed = 4
 
 [model]
-buckets = [1000, 500, 100, 16, 64, 8, 16, 8]
 embedding_dim = 8
 mlp_dims = [32, 16]
 
