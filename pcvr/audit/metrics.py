@@ -89,19 +89,26 @@ def auc_lower_limit(auc: float, *, positives: int, negatives: int, confidence: f
     """One-sided lower confidence limit of an AUC that holds for any score distribution.
 
     Uses van Dantzig's bound on the variance of the Mann–Whitney estimate,
-    Var(AUC) ≤ AUC·(1 − AUC) / min(m, n) (van Dantzig 1951; Birnbaum & Klose
-    1957), with a normal quantile. It is wider than the bootstrap interval of
-    :func:`attack_auc` and does not rest on resampling a few hundred canaries,
-    where a handful of flipped labels decide an AUC near 1: the audit decides
-    "above the label-DP bound" with it.
+    Var(AUC) ≤ A·(1 − A) / min(m, n) for the true AUC A (van Dantzig 1951;
+    Birnbaum & Klose 1957), with a normal quantile z, inverted for A as a score
+    (Wilson) interval: the limit is the lower root of (Â − A)² = z² A(1 − A) / k,
+    k = min(m, n). Plugging Â in for A instead would give the interval no width at
+    Â = 1, where a perfect score on a few dozen canaries would read as certain; the
+    score interval's limit there is k / (k + z²). It is wider than the bootstrap
+    interval of :func:`attack_auc` and does not rest on resampling a few hundred
+    canaries, where a handful of flipped labels decide an AUC near 1: the audit
+    decides "above the label-DP bound" with it.
     """
     _check_confidence(confidence)
     if positives < 1 or negatives < 1:
         raise ValueError(f"need at least one positive and one negative; got {positives} and {negatives}")
     if not 0.0 <= auc <= 1.0:
         raise ValueError(f"auc must be in [0, 1]; got {auc!r}")
-    spread = math.sqrt(auc * (1.0 - auc) / min(positives, negatives))
-    return max(0.0, auc - float(stats.norm.ppf(confidence)) * spread)
+    k = min(positives, negatives)
+    z2 = float(stats.norm.ppf(confidence)) ** 2
+    centre = auc + z2 / (2 * k)
+    half = math.sqrt(auc * (1.0 - auc) / k + z2 / (4 * k * k))
+    return max(0.0, (centre - math.sqrt(z2) * half) / (1.0 + z2 / k))
 
 
 def _check_confidence(confidence: float) -> None:

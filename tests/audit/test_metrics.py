@@ -233,11 +233,21 @@ def test_epsilon_lower_bound_validates():
 def test_auc_lower_limit_pinned_and_validated() -> None:
     from pcvr.audit.metrics import auc_lower_limit
 
-    # 0.9 − z(0.95)·sqrt(0.9·0.1/100) = 0.9 − 1.6449·0.03
-    assert auc_lower_limit(0.9, positives=100, negatives=400, confidence=0.95) == pytest.approx(0.85065, abs=1e-5)
-    assert auc_lower_limit(1.0, positives=5, negatives=5) == 1.0
+    # the lower root of (0.9 − A)² = z²·A(1 − A)/100, z = 1.6449 (Wilson)
+    assert auc_lower_limit(0.9, positives=100, negatives=400, confidence=0.95) == pytest.approx(0.83964, abs=1e-5)
+    # a perfect score: k / (k + z²), not 1 (a plug-in variance would give the interval no width)
+    assert auc_lower_limit(1.0, positives=5, negatives=5) == pytest.approx(5 / (5 + 1.6448536**2), abs=1e-6)
     with pytest.raises(ValueError, match="at least one positive"):
         auc_lower_limit(0.7, positives=0, negatives=10)
+
+
+def test_a_perfect_canary_score_at_a_large_epsilon_is_not_read_as_above_the_bound() -> None:
+    """At ε = 8 randomized response flips one label in ~3000: 90 canaries are scored perfectly in
+    97% of audits, which the bound e^8/(1 + e^8) = 0.99966 allows."""
+    from pcvr.audit.metrics import auc_lower_limit
+
+    assert auc_lower_limit(1.0, positives=45, negatives=45) < label_dp_auc_bound(epsilon=8.0)
+    assert auc_lower_limit(1.0, positives=45, negatives=45) > label_dp_auc_bound(epsilon=2.0)  # still tells ε = 2 apart
 
 
 def test_auc_lower_limit_rarely_exceeds_the_true_auc_of_randomized_response() -> None:
