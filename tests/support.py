@@ -196,15 +196,21 @@ class InProcessGrid:
 
     ``contexts`` maps node id → that clean room's Flower context (:func:`room_context`);
     ``crash_at`` (message type, round) raises :class:`SimulatedCrash` when the platform
-    pushes that round's messages, as if its process were killed there.
+    pushes that round's messages, as if its process were killed there. ``killed_at``
+    (node → round) takes that clean room down for that round's train message — the
+    SuperLink answers for it that the node is unavailable, as Flower does — and brings it
+    back for the next with empty state, as a restarted SuperNode comes back.
     """
 
-    def __init__(self, contexts: dict, *, run_id: int, crash_at: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, contexts: dict, *, run_id: int, crash_at: tuple[str, int] | None = None, killed_at: dict | None = None
+    ) -> None:
         from types import SimpleNamespace
 
         from pcvr.clean_room.app import make_client_app
 
         self.contexts, self.app, self.replies, self.crash_at = contexts, make_client_app(), {}, crash_at
+        self.killed_at = dict(killed_at or {})
         self.run = SimpleNamespace(run_id=run_id)
         self._sent = 0
 
@@ -229,12 +235,33 @@ class InProcessGrid:
                 run_id=self.run.run_id, message_id=message_id, src_node_id=1, dst_node_id=node, reply_to_message_id="",
                 group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
             )
-            self.replies[message_id] = self.app(Message(metadata=metadata, content=message.content), self.contexts[node])
+            if kind == "train" and self.killed_at.get(node) == fields_of(message.content)["round"]:
+                self.replies[message_id] = _unavailable(metadata)
+                self.contexts[node].state = type(self.contexts[node].state)()  # restarted: its memory is gone
+            else:
+                self.replies[message_id] = self.app(Message(metadata=metadata, content=message.content), self.contexts[node])
             ids.append(message_id)
         return ids
 
     def pull_messages(self, ids):
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def _unavailable(instruction):
+    """The SuperLink's own reply for an instruction whose node is offline (Flower's NODE_UNAVAILABLE)."""
+    import time
+
+    from flwr.app import Error
+    from flwr.app.message import make_message
+    from flwr.common import Metadata
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    metadata = Metadata(
+        run_id=instruction.run_id, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=SUPERLINK_NODE_ID,
+        reply_to_message_id=instruction.message_id, group_id="1", created_at=time.time(), ttl=600.0,
+        message_type=instruction.message_type,
+    )
+    return make_message(metadata=metadata, error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"))
 
 
 class SimulatedCrash(Exception):

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 from flwr.app import Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -173,18 +173,31 @@ class PayloadRecorder:
         return sorted((int(round_[1:]), int(node[1:])) for round_, node in names)
 
 
+class RoundMissed(ProtocolError):
+    """The SuperLink answered for a clean room it could not reach: the room missed the round.
+
+    Not a rejection: nothing came from the clean room (it is offline, or its reply never
+    arrived), so nothing was refused; the round counts as missed for that room.
+    """
+
+
+_UNREACHABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
 def _raise_if_refused(reply: Message) -> None:
     """An error reply becomes a rejection by its code, and by Flower's reason only when Flower wrote it.
 
     A clean room's refusal is named by its fixed text: the text on the wire is not a clean
-    room's to choose. The SuperLink's own error (the node is offline, the reply expired)
-    keeps Flower's reason, since Flower wrote it; any other code is only named.
+    room's to choose. The SuperLink's own error keeps Flower's reason, since Flower wrote
+    it: a node it cannot reach (offline, or its reply expired) is :class:`RoundMissed`;
+    any other code is only named.
     """
     if not reply.has_error():
         return
     code = reply.error.code
     if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
-        raise ProtocolError(f"Flower: {Refusal.describe(code)}: {reply.error.reason}")
+        kind = RoundMissed if code in _UNREACHABLE else ProtocolError
+        raise kind(f"Flower: {Refusal.describe(code)}: {reply.error.reason}")
     raise ProtocolError(f"clean room refused: {Refusal.describe(code)}" if Refusal.is_refusal(code) else Refusal.describe(code))
 
 
@@ -203,7 +216,8 @@ def receive_replies(
     anything else — an error, a second reply, a reply from a node that was not asked,
     a malformed or oversized payload — is a rejection with its reason. ``sent_to``
     (message id → node, from :func:`_exchange`) attributes the SuperLink's own error
-    replies to the node they are about.
+    replies to the node they are about; one saying the node could not be reached is
+    entered with ``"missed": True`` (:class:`RoundMissed`), since the room sent nothing.
     """
     accepted: dict[int, TrainReply] = {}
     rejected: list[dict] = []
@@ -224,6 +238,9 @@ def receive_replies(
                 max_bytes=config.max_message_bytes,
                 max_examples=config.batch_size * config.local_steps,
             )
+        except RoundMissed as exc:
+            rejected.append({"round": round_, "node": node, "reason": str(exc), "missed": True})
+            log.warning("round %d: node %d missed the round: %s", round_, node, exc)
         except ProtocolError as exc:
             rejected.append({"round": round_, "node": node, "reason": str(exc)})
             log.warning("round %d: rejected reply from node %d: %s", round_, node, exc)
@@ -382,10 +399,13 @@ def run_federated_training(
         for reply in replies:
             record(round_, reply.metadata.src_node_id, PayloadRecorder.RECEIVED, reply)
         accepted, rejected = apply_round(trainer, replies, round_=round_, expected=expected, config=config, sent_to=sent_to)
-        run_log.rejected.extend(rejected)
+        run_log.rejected.extend(entry for entry in rejected if not entry.get("missed"))
+        missed = []  # the clean rooms that sent nothing this round (offline, or no reply in time)
         for node in nodes:
-            reasons = [entry["reason"] for entry in rejected if entry["node"] == node]
+            reasons = [entry["reason"] for entry in rejected if entry["node"] == node and not entry.get("missed")]
             run_log.participation[node].count(accepted=node in accepted, reasons=reasons)
+            if node not in accepted and not reasons:
+                missed.append(run_log.participation[node].name)
             if node in accepted:
                 downlink.acknowledge(node, round_=round_)
             else:
@@ -401,6 +421,7 @@ def run_federated_training(
             {
                 "round": round_,
                 "clean_rooms": len(accepted),
+                "missed": sorted(missed),
                 "examples": sum(examples),
                 "loss": sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None,
                 "bytes_down": bytes_down,
@@ -453,6 +474,8 @@ def round_line(entry: dict, *, rounds: int, clean_rooms: int, evaluation: dict |
     """One round as a person reads it, e.g. ``pcvr round 5/10: 3/3 clean rooms, loss 0.0931, 41.2 s; AUC 0.8123 …``."""
     loss = "no loss" if entry["loss"] is None else f"loss {entry['loss']:.4f}"
     line = f"{ROUND_LINE_PREFIX} {entry['round']}/{rounds}: {entry['clean_rooms']}/{clean_rooms} clean rooms, {loss}, {entry['wall_s']:.1f} s"
+    if entry.get("missed"):
+        line += f" ({', '.join(entry['missed'])} missed the round)"
     if evaluation is not None:
         line += f"; AUC {evaluation['auc']:.4f}, NE {evaluation['ne']:.4f}, calibration {evaluation['calibration']:.3f}"
     return line

@@ -202,7 +202,11 @@ class Participation:
         """One line saying why this clean room served too few rounds, or None."""
         if self.served >= math.ceil(min_share * rounds):
             return None
-        why = max(self.rejected, key=self.rejected.get) if self.rejected else "no reply"
+        worst = max(self.rejected, key=self.rejected.get) if self.rejected else None
+        if worst is None or self.missed >= self.rejected[worst]:
+            why = f"missed {self.missed} rounds (offline, or no reply in time)"
+        else:
+            why = worst
         return f"{self.name}: served {self.served} of {rounds} rounds (min-participation {min_share:g}): {why}"
 
     def to_dict(self) -> dict:

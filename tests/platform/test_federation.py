@@ -55,12 +55,24 @@ def rejections(reply, *, sent_to):
 def test_the_superlinks_reply_for_an_unreachable_node_counts_against_that_node_with_flowers_reason():
     reply = error_reply(src=SUPERLINK_NODE_ID, code=ErrorCode.NODE_UNAVAILABLE, reason="Node is offline")
     (entry,) = rejections(reply, sent_to={INSTRUCTION_ID: ROOM})
-    assert entry["node"] == ROOM
+    assert entry["node"] == ROOM and entry["missed"] is True  # the room sent nothing: missed, not rejected
     assert "NODE_UNAVAILABLE" in entry["reason"] and "Node is offline" in entry["reason"]
     assert "codec" not in entry["reason"]  # Flower's code 5 is not a clean room's refusal
     # Control: without knowing where the instruction went, it reads as a stray sender.
     (stray,) = rejections(reply, sent_to={})
     assert stray["node"] == SUPERLINK_NODE_ID and "was not asked" in stray["reason"]
+
+
+@pytest.mark.parametrize("code", [ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE])
+def test_only_the_superlinks_word_that_a_node_is_unreachable_makes_a_missed_round(code):
+    (missed,) = rejections(error_reply(src=SUPERLINK_NODE_ID, code=code, reason="gone"), sent_to={INSTRUCTION_ID: ROOM})
+    assert missed.get("missed") is True
+    # Control: the same code from the clean room itself, or another SuperLink error, is a rejection.
+    (own,) = rejections(error_reply(src=ROOM, code=code, reason="gone"), sent_to={})
+    (other,) = rejections(
+        error_reply(src=SUPERLINK_NODE_ID, code=ErrorCode.CLIENT_APP_CRASHED, reason="x"), sent_to={INSTRUCTION_ID: ROOM}
+    )
+    assert "missed" not in own and "missed" not in other
 
 
 def test_a_clean_rooms_error_text_never_crosses_only_its_code_is_named():
