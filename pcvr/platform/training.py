@@ -203,7 +203,7 @@ class Participation:
         if self.served >= math.ceil(min_share * rounds):
             return None
         worst = max(self.rejected, key=self.rejected.get) if self.rejected else None
-        if worst is None or self.missed >= self.rejected[worst]:
+        if worst is None or self.missed > self.rejected[worst]:  # a tie names the refusal: it says more
             why = f"missed {self.missed} rounds (offline, or no reply in time)"
         else:
             why = worst
