@@ -208,13 +208,19 @@ def _parse_run_config(text: str) -> dict[str, object]:
         raise ValueError(f"--run-config: {exc}") from None
 
 
+_DEPLOY_TRAINING_OPTIONS = ("rounds", "eval_every", "label_set", "run_config")  # what a resumed run takes from itself
+_DEFAULTS = {"clean_rooms": 3, "rounds": 10, "eval_every": 5, "label_set": "eps=3", "run_config": ""}
+
+
 def _add_deploy_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options `pcvr deploy local` and `pcvr deploy run` share."""
-    parser.add_argument("--clean-rooms", type=int, default=3, help="(default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=10, help="(default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=5, help="(default: %(default)s)")
-    parser.add_argument("--label-set", default="eps=3", help="prepared label set to train on (default: %(default)s)")
-    parser.add_argument("--run-config", default="", help="more run-config values, Flower's syntax: 'codec=\"q4\" batch-size=4096'")
+    parser.add_argument("--clean-rooms", type=int, default=_DEFAULTS["clean_rooms"], help="(default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=_DEFAULTS["rounds"], help="(default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=_DEFAULTS["eval_every"], help="(default: %(default)s)")
+    parser.add_argument("--label-set", default=_DEFAULTS["label_set"], help="prepared label set to train on (default: %(default)s)")
+    parser.add_argument(
+        "--run-config", default=_DEFAULTS["run_config"], help="more run-config values, Flower's syntax: 'codec=\"q4\" batch-size=4096'"
+    )
 
 
 def _deploy_run_config(args: argparse.Namespace) -> dict[str, object]:
@@ -226,6 +232,12 @@ def _cmd_deploy_local(args: argparse.Namespace) -> None:
 
     from pcvr.deploy.local import LocalDeployment, deploy_local
 
+    if args.resume:
+        if args.run_dir is None:
+            raise ValueError("--resume needs --run-dir: the deployment whose run to continue")
+        changed = [f"--{name.replace('_', '-')}" for name in _DEPLOY_TRAINING_OPTIONS if getattr(args, name) != _DEFAULTS[name]]
+        if changed:
+            raise ValueError(f"--resume continues the run with its own settings; drop {', '.join(changed)}")
     run_config = _deploy_run_config(args)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     deployment = LocalDeployment(
@@ -236,12 +248,13 @@ def _cmd_deploy_local(args: argparse.Namespace) -> None:
         port=args.port,
         insecure=args.insecure,
         run_config=run_config,
+        resume=args.resume,
     )
     try:
         result = deploy_local(deployment)
     except KeyboardInterrupt:
         raise RuntimeError(f"interrupted; every process it started is stopped (logs: {deployment.layout.logs})") from None
-    _print_deploy_result(result, label_set=args.label_set, run_dir=deployment.layout.run_dir)
+    _print_deploy_result(result, label_set=str(result["config"]["label-set"]), run_dir=deployment.layout.run_dir)
 
 
 def _print_deploy_result(result: dict, *, label_set: str, run_dir: Path) -> None:
@@ -259,7 +272,7 @@ def _print_deploy_result(result: dict, *, label_set: str, run_dir: Path) -> None
 
 def _remote_layout(args: argparse.Namespace):
     """The layout and environment of `pcvr deploy register` / `run` against a SuperLink someone else started."""
-    from pcvr.deploy.local import INSECURE_WARNING, DeployLayout, _environment, write_connection
+    from pcvr.deploy.local import INSECURE_WARNING, DeployLayout, environment, write_connection
 
     if args.insecure == (args.root_certificates is not None):
         raise ValueError("give exactly one of --root-certificates (the platform CA's ca.pem) and --insecure")
@@ -269,7 +282,7 @@ def _remote_layout(args: argparse.Namespace):
         print(INSECURE_WARNING.format(port=args.superlink.rpartition(":")[2]))
     layout = DeployLayout(args.run_dir.resolve())
     write_connection(layout, address=args.superlink, root_certificates=args.root_certificates)
-    return layout, _environment(layout)
+    return layout, environment(layout)
 
 
 def _cmd_deploy_register(args: argparse.Namespace) -> None:
@@ -282,19 +295,26 @@ def _cmd_deploy_register(args: argparse.Namespace) -> None:
 
 
 def _cmd_deploy_run(args: argparse.Namespace) -> None:
-    from pcvr.deploy.local import read_nodes, run_training
+    from pcvr.deploy.local import end_interrupted_runs, read_nodes, run_training
+    from pcvr.platform.federation import interrupted_run
     from pcvr.protocols.run_config import RunConfig
 
     layout, env = _remote_layout(args)
+    results = layout.training_dir if args.results_dir is None else args.results_dir
+    resume_run = interrupted_run(results) if args.resume else 0
     config = RunConfig.from_run_config(
         {
             **_deploy_run_config(args),
             "platform-dir": str(args.platform_dir),
-            "run-dir": str(layout.training_dir if args.results_dir is None else args.results_dir),
+            "run-dir": str(results),
             "clean-rooms": args.clean_rooms,
             "clean-room-nodes": RunConfig.format_nodes(read_nodes(layout)),  # those `deploy register` registered
+            "resume-run": resume_run,
         }
     )
+    if args.resume:
+        print(f"resuming run {resume_run} from its checkpoint in {results}")
+        end_interrupted_runs(env)
     _print_deploy_result(run_training(layout, env, config.to_run_config()), label_set=args.label_set, run_dir=layout.run_dir)
 
 
@@ -381,6 +401,10 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--port", type=int, default=8000, help="the SuperLink's port; SuperNodes use the next ones (default: %(default)s)")
     _add_deploy_training_arguments(local)
     local.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: anyone who reaches the port joins (debugging only)")
+    local.add_argument(
+        "--resume", action="store_true",
+        help="continue the run interrupted in --run-dir from its last checkpoint, with that run's settings",
+    )
     local.set_defaults(func=_cmd_deploy_local)
 
     def remote(name: str, help: str) -> argparse.ArgumentParser:
@@ -399,6 +423,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--platform-dir", type=Path, required=True, help="the platform's directory as the ServerApp sees it")
     run.add_argument("--results-dir", type=Path, default=None, help="where the ServerApp writes results, as it sees it (default: RUN/training)")
     _add_deploy_training_arguments(run)
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue the run whose checkpoint is in the results dir (give the same options as the interrupted run)",
+    )
     run.set_defaults(func=_cmd_deploy_run)
 
     from pcvr.report.planner import DEFAULT_CONFIDENCE, DEFAULT_EPSILONS, DEFAULT_TOLERANCE

@@ -142,19 +142,9 @@ def format_private_table(private: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _interrupted_run(run_dir: Path) -> int:
-    """The run id the checkpoint in ``run_dir`` belongs to, for ``--resume`` (one line when there is none)."""
-    from pcvr.platform.federation import CHECKPOINT_FILE
-    from pcvr.platform.training import AdapterTrainer
-
-    state = AdapterTrainer.saved_run_state(run_dir / CHECKPOINT_FILE)
-    if not state or not isinstance(state.get("run"), int):
-        raise ValueError(f"--resume: {run_dir / CHECKPOINT_FILE} does not say which run it belongs to")
-    return state["run"]
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from pcvr.parties import common_label_set, train
+    from pcvr.platform.federation import interrupted_run
 
     platform = PlatformDir(args.platform_dir)
     rooms = [CleanRoomDir(path) for path in args.clean_rooms]
@@ -163,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run_dir = platform.run_dir(name)
     config = training_config(
         args, label_set=label_set, platform_dir=Path(platform.root), run_dir=run_dir,
-        clean_rooms=len(rooms), seed=args.seed, resume_run=_interrupted_run(run_dir) if args.resume else 0,
+        clean_rooms=len(rooms), seed=args.seed, resume_run=interrupted_run(run_dir) if args.resume else 0,
     )
     result = train(platform, rooms, config)
     print(format_private_table(result["private"]))

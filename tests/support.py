@@ -6,6 +6,10 @@ Importable from any test module (``pythonpath = ["tests"]`` in ``pyproject.toml`
 from __future__ import annotations
 
 import math
+import os
+import random
+import socket
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -266,3 +270,34 @@ def _unavailable(instruction):
 
 class SimulatedCrash(Exception):
     """The platform's process dies here (:class:`InProcessGrid`'s ``crash_at``)."""
+
+
+_PORTS = random.Random(os.getpid())  # one draw after another: two deployments in one process get different ports
+
+
+def free_port_block(count: int) -> int:
+    """A port p with p .. p+count all free on 127.0.0.1 right now (deployment tests)."""
+    for _ in range(200):
+        base = _PORTS.randrange(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count + 1):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free block of ports on 127.0.0.1")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"

@@ -61,6 +61,7 @@ __all__ = ["app", "make_client_app", "dp_sgd_config"]
 
 CLEAN_ROOM_ID = "clean-room-id"
 CLEAN_ROOM_DIR = "clean-room-dir"
+CLEAN_ROOM_STATE_DIR = "clean-room-state-dir"  # optional: where it writes, when its directory is read-only
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
 _DP_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(RunConfig) if f.name.startswith("dp_"))
 
@@ -75,8 +76,9 @@ class _Node:
     policy: RoomPolicy
 
     @property
-    def directory(self) -> Path:
-        return Path(self.room.root)
+    def state(self) -> Path:
+        """Where this clean room writes its release log and accountant."""
+        return self.room.state
 
 
 def dp_sgd_config(config: RunConfig, node_config: Mapping[str, object]) -> DPSGDConfig | None:
@@ -103,7 +105,10 @@ def _node_facts(node_config: Mapping[str, object], config: RunConfig, rooms: Map
     directory = node_config.get(CLEAN_ROOM_DIR) or rooms.get(clean_room_id)
     if not directory:
         raise ValueError(f"clean room {clean_room_id}: no directory: its node config needs {CLEAN_ROOM_DIR!r}")
-    room = CleanRoomDir(Path(str(directory)))
+    state = node_config.get(CLEAN_ROOM_STATE_DIR)
+    if state and not Path(str(state)).is_dir():
+        raise ValueError(f"clean room {clean_room_id}: {CLEAN_ROOM_STATE_DIR} {state} is not a directory")
+    room = CleanRoomDir(Path(str(directory)), state_root=Path(str(state)) if state else None)
     return _Node(
         clean_room_id=clean_room_id,
         room=room,
@@ -242,7 +247,7 @@ def _check_ready(node: _Node, config: RunConfig, ins: PreflightIns) -> None:
     label_set = node.room.label_set(config.label_set)
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     node.policy.check_batch_size(ins.batch_size)
-    node.policy.check_releases(ReleaseLog(node.directory, run_key=_run_key(config, ins.binding.run_id)))
+    node.policy.check_releases(ReleaseLog(node.state, run_key=_run_key(config, ins.binding.run_id)))
     if backbone_digest(load_backbone(node.room.backbone)) != ins.backbone_digest:
         raise Refused(Refusal.BACKBONE_MISMATCH, f"{node.room.backbone} differs from the platform's backbone")
     json.loads(label_set.ledger.read_text())
@@ -279,7 +284,7 @@ def _train(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int
     )
     weights = weights_for(room, ins, length=length)
     node.policy.check_batch_size(ins.batch_size)
-    releases = ReleaseLog(node.directory, run_key=_run_key(config, context.run_id))
+    releases = ReleaseLog(node.state, run_key=_run_key(config, context.run_id))
     node.policy.check_releases(releases)
     round_ = ins.binding.round
     residual = carried_residual(room, ins, length=length)
@@ -399,7 +404,7 @@ def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int) -> dict[str, 
     """What protected this clean room's records in run ``run_id``: the values it enforced and the releases it made."""
     label_ledger = json.loads(node.room.label_set(config.label_set).ledger.read_text())
     label_ledger.pop("source", None)  # a path inside the advertiser's premises
-    releases = ReleaseLog(node.directory, run_key=_run_key(config, run_id))
+    releases = ReleaseLog(node.state, run_key=_run_key(config, run_id))
     if node.dp is None:
         dp_sgd: dict = {"enabled": False}
     else:

@@ -30,13 +30,11 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +42,23 @@ from pathlib import Path
 import tomli_w
 
 from pcvr.deploy.certs import CertLayout, make_certs
+from pcvr.deploy.processes import (
+    CONNECTION,
+    DeployError,
+    DeployLayout,
+    Processes,
+    Supervisor,
+    environment,
+    flwr_json,
+    last_line,
+    online_nodes,
+    stop_group,
+    supernode_failure,
+    wait_for_port,
+)
+from pcvr.platform.federation import CHECKPOINT_FILE, interrupted_run
 from pcvr.protocols.layout import RESULT_FILE, SimulationDir
+from pcvr.protocols.run_config import RunConfig
 
 __all__ = [
     "DeployError",
@@ -59,59 +73,19 @@ __all__ = [
     "deploy_local",
     "register_clean_rooms",
     "register_keys",
+    "end_interrupted_runs",
     "run_training",
     "supernode_failure",
 ]
 
 log = logging.getLogger(__name__)
 
-CONNECTION = "pcvr-local"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
-_STOP_GRACE_S = 10.0
 INSECURE_WARNING = (
     "WARNING: --insecure: no TLS and no SuperNode authentication. Anything that reaches port {port} "
     "can join as a clean room and is sent the model's weights, and every message crosses in the clear. "
     "Use it only to debug on a machine nobody else can reach."
 )
-
-
-class DeployError(RuntimeError):
-    """A deployment step that failed; the message names the step, the process and its log."""
-
-
-@dataclass(frozen=True)
-class DeployLayout:
-    """Where a local deployment keeps its state, logs and results (one owner for these names)."""
-
-    run_dir: Path
-
-    @property
-    def logs(self) -> Path:
-        return self.run_dir / "logs"
-
-    def log_file(self, process: str) -> Path:
-        return self.logs / f"{process}.log"
-
-    @property
-    def database(self) -> Path:
-        return self.run_dir / "superlink" / "state.db"
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.run_dir / "flwr-home"
-
-    @property
-    def app_dir(self) -> Path:
-        return self.run_dir / "app"
-
-    @property
-    def training_dir(self) -> Path:
-        """The platform's run directory: checkpoint, ``result.json``, ``privacy_ledger.json``."""
-        return self.run_dir / "training"
-
-    @property
-    def nodes_file(self) -> Path:
-        return self.run_dir / "nodes.json"
 
 
 @dataclass(frozen=True)
@@ -130,6 +104,7 @@ class LocalDeployment:
         insecure: no TLS, no node authentication (see :data:`INSECURE_WARNING`).
         run_config: run-config values (kebab-case keys of :class:`RunConfig`) for the training.
         startup_timeout_s: how long each process may take to come up.
+        resume: continue the run interrupted in ``run_dir`` (:func:`deploy_local`).
     """
 
     work_dir: Path
@@ -140,6 +115,7 @@ class LocalDeployment:
     insecure: bool = False
     run_config: Mapping[str, object] = field(default_factory=dict)
     startup_timeout_s: float = 180.0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.clean_rooms < 1:
@@ -198,11 +174,14 @@ def supernode_command(
     clientappio_port: int,
     host: str | None = None,
     isolation: str | None = None,
+    clean_room_state_dir: Path | None = None,
 ) -> list[str]:
     """Clean room ``clean_room_id``'s SuperNode, with its node config and (unless insecure) its key.
 
     ``host``/``isolation="process"`` are for containers, where the ClientApp runs in the
     clean room's own executor (:func:`superexec_command`) reaching this port.
+    ``clean_room_state_dir`` is where the clean room writes its release log and accountant
+    when its directory is mounted read-only.
     """
     command = ["flower-supernode", "--superlink", superlink]
     if certs is None:
@@ -213,6 +192,8 @@ def supernode_command(
             "--auth-supernode-private-key", str(certs.node_private_key(clean_room_id)),
         ]
     node_config = f'clean-room-id={clean_room_id} clean-room-dir="{clean_room_dir}"'
+    if clean_room_state_dir is not None:
+        node_config += f' clean-room-state-dir="{clean_room_state_dir}"'
     command += ["--node-config", node_config, "--port", str(clientappio_port)]
     command += ["--host", host] if host else []
     return command + (["--isolation", isolation] if isolation else [])
@@ -235,14 +216,6 @@ def run_command(app_dir: Path, *, connection: str = CONNECTION, federation_confi
     """``flwr run --stream``; ``federation_config`` ("key=value ...") configures a simulation SuperLink's engine."""
     extra = [] if federation_config is None else ["--federation-config", federation_config]
     return ["flwr", "run", str(app_dir), connection, "--stream", *extra]
-
-
-def _environment(layout: DeployLayout) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(layout.flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def write_connection(layout: DeployLayout, *, address: str, root_certificates: Path | None) -> None:
@@ -278,142 +251,8 @@ def write_app(layout: DeployLayout, run_config: Mapping[str, object]) -> None:
     (layout.app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
 
 
-class _Processes:
-    """The processes a deployment started: each in its own session, stopped as a group."""
-
-    def __init__(self, layout: DeployLayout, env: Mapping[str, str]) -> None:
-        self.layout = layout
-        self.env = dict(env)
-        self.running: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen:
-        self.layout.logs.mkdir(parents=True, exist_ok=True)
-        log_file = self.layout.log_file(name).open("ab")
-        try:
-            process = subprocess.Popen(
-                list(command), stdout=log_file, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-                cwd=self.layout.run_dir,
-            )
-        finally:
-            log_file.close()
-        self.running[name] = process
-        (self.layout.logs / f"{name}.pid").write_text(f"{process.pid}\n")
-        return process
-
-    def check_alive(self, name: str) -> None:
-        process = self.running[name]
-        if process.poll() is not None:
-            raise DeployError(
-                f"{name} exited with status {process.returncode}: {_last_line(self.layout.log_file(name))} "
-                f"(log: {self.layout.log_file(name)})"
-            )
-
-    def stop_all(self) -> None:
-        """Stop every process, the last started first."""
-        for name in reversed(list(self.running)):
-            _stop_group(self.running.pop(name), sig=signal.SIGTERM)
-
-
-def _stop_group(process: subprocess.Popen, *, sig: int) -> None:
-    """Signal the process's whole group (SuperNodes and the SuperLink start children), then make sure."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children outlive a leader that exited on its own
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1][:300] if lines else "(empty log)"
-
-
-def _wait_for_port(processes: _Processes, name: str, port: int, *, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        processes.check_alive(name)
-        with socket.socket() as probe:
-            probe.settimeout(1.0)
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise DeployError(f"{name} did not listen on port {port} within {timeout_s:.0f} s (log: {processes.layout.log_file(name)})")
-
-
-def _flwr_json(command: Sequence[str], env: Mapping[str, str], *, what: str, timeout_s: float) -> dict:
-    """Run one ``flwr ... --format json`` command; its JSON answer, or a DeployError saying why not."""
-    try:
-        done = subprocess.run(list(command), env=dict(env), capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"{what}: no answer within {timeout_s:.0f} s ({' '.join(command[:3])})") from None
-    try:
-        answer = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        answer = None
-    if done.returncode != 0 or not isinstance(answer, dict) or not answer.get("success", False):
-        detail = answer.get("error-message") if isinstance(answer, dict) else None
-        if not detail:
-            output = (done.stderr.strip() or done.stdout.strip()).splitlines()
-            detail = output[-1] if output else "no output"
-        raise DeployError(f"{what} failed: {detail}")
-    return answer
-
-
-_EXIT_CODE = re.compile(r"Exit Code: (\d+)")
-_RETRY = "Connection attempt failed"
-_RETRIES_BEFORE_FAILING = 4
-_EXPLAIN = {
-    "2004": "the SuperLink refused this node's key: it is not registered, or a node with the same key is already online",
-    "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate is not signed by the CA this node trusts (--root-certificates)",
-    "TLS is not enabled": "node authentication needs TLS: this node was started with --insecure",
-}
-
-
-def supernode_failure(log_file: Path) -> str | None:
-    """Why a SuperNode cannot join, read off its log; None while nothing says it cannot.
-
-    Flower ends a refused SuperNode with an exit code and its reason; a SuperNode that
-    speaks plain HTTP to a TLS SuperLink (or TLS to a plain one) only retries, forever,
-    so a few failed attempts in a row are taken as that.
-    """
-    try:
-        lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None
-    for i, line in enumerate(lines):
-        match = _EXIT_CODE.search(line)
-        if match:
-            reason = " ".join(lines[i + 1 : i + 3])
-            explained = next((why for key, why in _EXPLAIN.items() if key in reason), None)
-            return f"Flower exit code {match.group(1)}: {reason}" + (f" — {explained}" if explained else "")
-    if sum(_RETRY in line for line in lines) >= _RETRIES_BEFORE_FAILING:
-        return (
-            f"{_RETRIES_BEFORE_FAILING} connection attempts to the SuperLink failed: it is unreachable, or one side "
-            "uses TLS and the other does not (--insecure against a TLS SuperLink)"
-        )
-    return None
-
-
-def _online_nodes(env: Mapping[str, str]) -> set[int]:
-    listing = _flwr_json(
-        ["flwr", "supernode", "list", CONNECTION, "--format", "json"], env, what="listing the SuperNodes", timeout_s=60
-    )
-    return {int(n["node-id"]) for n in listing.get("nodes", []) if n.get("status") == "online"}
-
-
 def _wait_online(
-    processes: _Processes, env: Mapping[str, str], node_ids: Mapping[int, int], *, timeout_s: float
+    processes: Processes, env: Mapping[str, str], node_ids: Mapping[int, int], *, timeout_s: float
 ) -> None:
     """Wait until every registered clean room's SuperNode is online; name the first that cannot be."""
     deadline = time.monotonic() + timeout_s
@@ -425,7 +264,7 @@ def _wait_online(
             if failure is not None:
                 raise DeployError(f"clean room {k} cannot join: {failure} (log: {log_file})")
             processes.check_alive(f"supernode_{k}")
-        online = _online_nodes(env)
+        online = online_nodes(env)
         offline = {k: n for k, n in offline.items() if n not in online}
         if not offline:
             return
@@ -434,7 +273,7 @@ def _wait_online(
             log_file = processes.layout.log_file(f"supernode_{k}")
             raise DeployError(
                 f"clean room {k} did not come online within {timeout_s:.0f} s; its SuperNode says: "
-                f"{_last_line(log_file)} (log: {log_file})"
+                f"{last_line(log_file)} (log: {log_file})"
             )
         time.sleep(2.0)
 
@@ -455,7 +294,11 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 def _prepare(deployment: LocalDeployment) -> None:
     layout = deployment.layout
-    if layout.run_dir.exists() and any(layout.run_dir.iterdir()):
+    if deployment.resume:
+        for needed in (layout.app_dir / "pyproject.toml", layout.database, layout.training_dir / CHECKPOINT_FILE):
+            if not needed.exists():
+                raise FileNotFoundError(f"--resume: {needed} does not exist; {layout.run_dir} holds no run to resume")
+    elif layout.run_dir.exists() and any(layout.run_dir.iterdir()):
         raise ValueError(f"--run-dir {layout.run_dir}: exists and is not empty; give a new directory")
     for k in range(deployment.clean_rooms):
         if not deployment.clean_room_dir(k).is_dir():
@@ -467,55 +310,143 @@ def _prepare(deployment: LocalDeployment) -> None:
         make_certs(deployment.certs.root, hosts=LOCAL_HOSTS, clean_rooms=deployment.clean_rooms)
 
 
+def _run_config(deployment: LocalDeployment) -> RunConfig:
+    """The training's run config: the options given, or, with ``resume``, the interrupted run's own plus ``resume-run``."""
+    layout = deployment.layout
+    given = {
+        **deployment.run_config,
+        "platform-dir": str(deployment.work.platform.root),
+        "run-dir": str(layout.training_dir),
+        "clean-rooms": deployment.clean_rooms,
+    }
+    if not deployment.resume:
+        return RunConfig.from_run_config(given)
+    recorded = tomllib.loads((layout.app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    if int(recorded["clean-rooms"]) != deployment.clean_rooms:
+        raise ValueError(f"--resume: the run in {layout.run_dir} has {recorded['clean-rooms']} clean rooms; give --clean-rooms {recorded['clean-rooms']}")
+    return RunConfig.from_run_config({**recorded, "resume-run": interrupted_run(layout.training_dir)})
+
+
+def _stop_leftovers(layout: DeployLayout) -> None:
+    """Stop what an interrupted deployment in ``layout`` left running (by its pid files; Flower's own commands only)."""
+    for pid_file in layout.logs.glob("*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (ValueError, OSError):
+            continue
+        if any(Path(part.decode(errors="replace")).name.startswith(("flower-", "flwr")) for part in command[:2]):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _wait_sessions_lapsed(env: Mapping[str, str], node_ids: Mapping[int, int], *, timeout_s: float, out) -> None:
+    """A SuperLink that died leaves its nodes online in its database until their heartbeat lapses (2 × 30 s);
+    a SuperNode started before that is refused as a second user of its key."""
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while set(node_ids.values()) & online_nodes(env):
+        if time.monotonic() > deadline:
+            raise DeployError(f"the clean rooms' sessions from before the interruption did not lapse within {timeout_s:.0f} s")
+        if not said:
+            out("waiting for the clean rooms' sessions from before the interruption to lapse (at most 60 s)")
+            said = True
+        time.sleep(5.0)
+
+
+def end_interrupted_runs(env: Mapping[str, str]) -> None:
+    """Stop the runs an interrupted platform left unfinished and let the SuperLink clean up after them.
+
+    Listing the runs is what makes a flwr 1.41 SuperLink drop a finished run's undelivered
+    messages. Without it, the interrupted run's last instruction still reaches a restarted
+    SuperNode, which ignores it (its run is over) but then cannot start a ClientApp for the
+    next run.
+    """
+    listing = flwr_json(["flwr", "ls", CONNECTION, "--format", "json"], env, what="listing the runs", timeout_s=60)
+    for run in listing.get("runs", []):
+        if not str(run.get("status", "")).startswith("finished"):
+            flwr_json(
+                ["flwr", "stop", str(run["run-id"]), CONNECTION, "--format", "json"], env,
+                what=f"stopping the interrupted run {run['run-id']}", timeout_s=60,
+            )
+    flwr_json(["flwr", "ls", CONNECTION, "--format", "json"], env, what="listing the runs", timeout_s=60)
+
+
 def deploy_local(deployment: LocalDeployment, *, out=print) -> dict:
     """Run the deployment to the end; returns the platform's ``result.json``.
+
+    While the run goes on, a :class:`~pcvr.deploy.processes.Supervisor` starts again any
+    clean room's SuperNode that dies; the SuperLink dying ends the deployment with a
+    :class:`DeployError` that says how to resume. With ``deployment.resume`` it continues
+    the run interrupted in ``deployment.run_dir`` from its checkpoint (same database, same
+    registered nodes, the run's own settings).
 
     Raises:
         DeployError: a process failed to start, a node did not come online, or the run failed.
     """
-    from pcvr.protocols.run_config import RunConfig
-
     layout = deployment.layout
-    config = RunConfig.from_run_config(
-        {
-            **deployment.run_config,
-            "platform-dir": str(deployment.work.platform.root),
-            "run-dir": str(layout.training_dir),
-            "clean-rooms": deployment.clean_rooms,
-        }
-    )
     _prepare(deployment)
+    config = _run_config(deployment)
     certs = None if deployment.insecure else deployment.certs
     if certs is None:
         out(INSECURE_WARNING.format(port=deployment.port))
+    if deployment.resume:
+        _stop_leftovers(layout)
+        out(f"resuming run {config.resume_run} from {layout.training_dir / CHECKPOINT_FILE}")
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     layout.database.parent.mkdir(parents=True, exist_ok=True)
-    env = _environment(layout)
+    env = environment(layout)
     write_connection(layout, address=deployment.address, root_certificates=None if certs is None else certs.ca_cert)
-    processes = _Processes(layout, env)
+    processes = Processes(layout, env)
+    run: list[subprocess.Popen] = []  # the `flwr run` process, once started
     try:
         with _terminate_on_sigterm():
             processes.start(
                 "superlink",
                 superlink_command(certs=certs, database=layout.database, host="127.0.0.1", port=deployment.port),
             )
-            _wait_for_port(processes, "superlink", deployment.port, timeout_s=deployment.startup_timeout_s)
+            wait_for_port(processes, "superlink", deployment.port, timeout_s=deployment.startup_timeout_s)
             out(f"superlink up on {deployment.address} ({'insecure' if certs is None else 'TLS + SuperNode auth'})")
-            node_ids = {} if certs is None else register_clean_rooms(layout, env, certs, clean_rooms=deployment.clean_rooms)
-            for k in range(deployment.clean_rooms):
-                processes.start(
-                    f"supernode_{k}",
-                    supernode_command(
-                        superlink=deployment.address, certs=certs, clean_room_id=k,
-                        clean_room_dir=deployment.clean_room_dir(k), clientappio_port=deployment.port + 1 + k,
-                    ),
+            node_ids: dict[int, int] = {}
+            if deployment.resume:
+                end_interrupted_runs(env)
+            if certs is not None and deployment.resume:
+                node_ids = read_nodes(layout)  # registered in the database already
+                _wait_sessions_lapsed(env, node_ids, timeout_s=deployment.startup_timeout_s, out=out)
+            elif certs is not None:
+                node_ids = register_clean_rooms(layout, env, certs, clean_rooms=deployment.clean_rooms)
+            supernodes = {
+                f"supernode_{k}": supernode_command(
+                    superlink=deployment.address, certs=certs, clean_room_id=k,
+                    clean_room_dir=deployment.clean_room_dir(k), clientappio_port=deployment.port + 1 + k,
                 )
+                for k in range(deployment.clean_rooms)
+            }
+            for name, command in supernodes.items():
+                processes.start(name, command)
             if node_ids:
                 _wait_online(processes, env, node_ids, timeout_s=deployment.startup_timeout_s)
             out(f"{deployment.clean_rooms} clean rooms online; training {config.num_rounds} rounds")
             if node_ids:  # the platform trains with exactly these nodes
                 config = dataclasses.replace(config, clean_room_nodes=RunConfig.format_nodes(node_ids))
-            return run_training(layout, env, config.to_run_config(), out=out)
+            supervisor = Supervisor(
+                processes, supernodes=supernodes, node_ids={f"supernode_{k}": n for k, n in node_ids.items()},
+                platform="superlink", on_platform_lost=lambda why: [stop_group(p, sig=signal.SIGKILL) for p in run], out=out,
+            )
+            try:
+                with supervisor:
+                    return run_training(layout, env, config.to_run_config(), out=out, on_start=run.append)
+            except DeployError:
+                superlink = processes.running["superlink"]
+                if superlink.poll() is None:
+                    raise
+                raise DeployError(
+                    f"the platform stopped during the run (its SuperLink exited with status {superlink.returncode}); "
+                    "its checkpoint holds the last "
+                    f"completed round: resume with `pcvr deploy local --resume --run-dir {layout.run_dir}`"
+                ) from None
     finally:
         processes.stop_all()
 
@@ -534,7 +465,7 @@ def register_keys(layout: DeployLayout, env: Mapping[str, str], public_keys: Seq
     for k, public_key in enumerate(public_keys):
         if not Path(public_key).is_file():
             raise FileNotFoundError(f"{public_key}: no such public key file (clean room {k})")
-        answer = _flwr_json(
+        answer = flwr_json(
             register_command(Path(public_key)), env, what=f"registering clean room {k}'s key {public_key}", timeout_s=120
         )
         node_ids[k] = int(answer["node-id"])
@@ -555,11 +486,14 @@ def read_nodes(layout: DeployLayout) -> dict[int, int]:
 
 def run_training(
     layout: DeployLayout, env: Mapping[str, str], run_config: Mapping[str, object], *, out=print,
-    federation_config: str | None = None,
+    federation_config: str | None = None, on_start: Callable[[subprocess.Popen], object] | None = None,
 ) -> dict:
-    """Start the training on a running SuperLink with ``flwr run --stream``; the platform's ``result.json``."""
+    """Start the training on a running SuperLink with ``flwr run --stream``; the platform's ``result.json``.
+
+    ``on_start`` gets the ``flwr run`` process as soon as it is started (to stop it from elsewhere).
+    """
     write_app(layout, run_config)
-    _stream_run(layout, env, out=out, federation_config=federation_config)
+    _stream_run(layout, env, out=out, federation_config=federation_config, on_start=on_start)
     result_path = Path(str(run_config["run-dir"])) / RESULT_FILE
     if not result_path.exists():
         raise DeployError(
@@ -568,7 +502,10 @@ def run_training(
     return json.loads(result_path.read_text())
 
 
-def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out, federation_config: str | None = None) -> None:
+def _stream_run(
+    layout: DeployLayout, env: Mapping[str, str], *, out, federation_config: str | None = None,
+    on_start: Callable[[subprocess.Popen], object] | None = None,
+) -> None:
     """``flwr run --stream``: every line into its log, pcvr's own lines to ``out`` as they come."""
     from pcvr.platform.federation import ROUND_LINE_PREFIX, RUN_FAILED_PREFIX
 
@@ -578,6 +515,8 @@ def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out, federation
             run_command(layout.app_dir, federation_config=federation_config), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, cwd=layout.run_dir,
         )
+        if on_start is not None:
+            on_start(process)
         try:
             for line in process.stdout or ():
                 run_log.write(line)
@@ -586,6 +525,6 @@ def _stream_run(layout: DeployLayout, env: Mapping[str, str], *, out, federation
                     out(line[line.find("pcvr "):].rstrip())
             process.wait()
         finally:
-            _stop_group(process, sig=signal.SIGTERM)
+            stop_group(process, sig=signal.SIGTERM)
     if process.returncode != 0:
-        raise DeployError(f"flwr run exited with status {process.returncode}: {_last_line(layout.log_file('flwr-run'))}")
+        raise DeployError(f"flwr run exited with status {process.returncode}: {last_line(layout.log_file('flwr-run'))}")

@@ -24,7 +24,8 @@ import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from pcvr.deploy.local import DeployLayout, _environment, _Processes, _wait_for_port, run_training, write_connection
+from pcvr.deploy.local import run_training, write_connection
+from pcvr.deploy.processes import DeployLayout, Processes, environment, wait_for_port
 from pcvr.protocols.layout import CLEAN_ROOM_DIRS_ENV
 
 __all__ = ["simulation_superlink_command", "run_simulation_engine"]
@@ -63,7 +64,7 @@ def run_simulation_engine(
         pcvr.deploy.local.DeployError: the SuperLink did not start, or the run ended without a result.
     """
     layout = DeployLayout(Path(engine_dir).resolve())
-    env = _environment(layout)
+    env = environment(layout)
     env[CLEAN_ROOM_DIRS_ENV] = json.dumps({str(room): str(Path(d).resolve()) for room, d in clean_room_dirs.items()})
     env.setdefault("RAY_DEDUP_LOGS", "0")
     port = _free_port()
@@ -73,10 +74,10 @@ def run_simulation_engine(
     )
     write_connection(layout, address=f"127.0.0.1:{port}", root_certificates=None)
     layout.database.parent.mkdir(parents=True, exist_ok=True)
-    processes = _Processes(layout, env)
+    processes = Processes(layout, env)
     try:
         processes.start("superlink", simulation_superlink_command(port=port, database=layout.database))
-        _wait_for_port(processes, "superlink", port, timeout_s=_START_TIMEOUT_S)
+        wait_for_port(processes, "superlink", port, timeout_s=_START_TIMEOUT_S)
         return run_training(layout, env, run_config, out=out or (lambda line: None), federation_config=engine)
     finally:
         processes.stop_all()

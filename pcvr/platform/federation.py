@@ -58,6 +58,7 @@ __all__ = [
     "apply_round",
     "preflight",
     "run_federated_training",
+    "interrupted_run",
     "collect_private_evaluation",
     "collect_ledgers",
 ]
@@ -79,6 +80,18 @@ class Holdout:
 def wire_bytes(message: Message) -> int:
     """Bytes of ``message`` as Flower puts it on the wire: its deflated object tree."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def interrupted_run(run_dir: Path) -> int:
+    """The run the checkpoint in ``run_dir`` belongs to: what ``resume-run`` names to continue it.
+
+    Raises:
+        ValueError: no checkpoint there, or one that does not say (one line, naming it).
+    """
+    state = AdapterTrainer.saved_run_state(Path(run_dir) / CHECKPOINT_FILE)
+    if not state or not isinstance(state.get("run"), int):
+        raise ValueError(f"--resume: {Path(run_dir) / CHECKPOINT_FILE} does not say which run it belongs to")
+    return state["run"]
 
 
 class MembershipError(Exception):

@@ -199,11 +199,22 @@ class LabelSetDir:
 
 @dataclass(frozen=True)
 class CleanRoomDir:
-    """A clean room's directory: its policy, its own secret, the backbone copy and its joined label sets."""
+    """A clean room's directory: its policy, its own secret, the backbone copy and its joined label sets.
+
+    What the clean room writes while it trains — its release log and its DP-SGD
+    accountant — goes to ``state_root`` when one is given (a deployment that mounts the
+    directory read-only gives it a writable one), else into the directory itself.
+    """
 
     root: Path
+    state_root: Path | None = None
     MANIFEST = "clean_room.json"
     WHAT = "a clean-room directory"
+
+    @property
+    def state(self) -> Path:
+        """Where the clean room's training state is written (:attr:`releases`, :attr:`accountant`)."""
+        return Path(self.state_root if self.state_root is not None else self.root)
 
     @property
     def manifest(self) -> Path:
@@ -215,11 +226,11 @@ class CleanRoomDir:
 
     @property
     def releases(self) -> Path:
-        return Path(self.root) / RELEASES_FILE
+        return self.state / RELEASES_FILE
 
     @property
     def accountant(self) -> Path:
-        return Path(self.root) / ACCOUNTANT_FILE
+        return self.state / ACCOUNTANT_FILE
 
     @property
     def backbone(self) -> Path:

@@ -25,6 +25,7 @@ from pcvr.protocols.layout import PlatformDir
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 COMPOSE_FILES = ("compose.yml", "platform/compose.yml", "clean-room/compose.yml")
 CONTAINER_CERTS = CertLayout(Path("/certs"))
+STATE = Path("/clean-room-state")  # where a clean room whose directory is read-only writes
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?[-?][^}]*)?\}")
 
 
@@ -48,6 +49,7 @@ def env(work_dir) -> dict[str, str]:
         "PCVR_ROOM": str(work_dir / "clean_room_1"),
         "PCVR_CA": str(work_dir / "certs" / "ca.pem"),
         "PCVR_KEY": str(work_dir / "certs" / "clean_room_1" / "supernode.key"),
+        "PCVR_ROOM_STATE": str(work_dir / "deployments" / "clean_room_1_state"),
     }
 
 
@@ -105,7 +107,7 @@ def test_commands_are_the_ones_pcvr_deploy_local_builds(env):
     for k in range(3):
         assert one_host[f"supernode-{k}"]["command"] == supernode_command(
             superlink="superlink:8000", certs=CONTAINER_CERTS, clean_room_id=k, clean_room_dir=Path("/clean-room"),
-            clientappio_port=9094, host="0.0.0.0", isolation="process",
+            clientappio_port=9094, host="0.0.0.0", isolation="process", clean_room_state_dir=STATE,
         )[1:]
         assert one_host[f"clientapp-{k}"]["command"] == superexec_command(
             runtime_api=f"supernode-{k}:9094", root_certificates=None
@@ -113,7 +115,7 @@ def test_commands_are_the_ones_pcvr_deploy_local_builds(env):
     clean_room = _services("clean-room/compose.yml", env)
     assert clean_room["supernode"]["command"] == supernode_command(
         superlink=env["SUPERLINK"], certs=CONTAINER_CERTS, clean_room_id=1, clean_room_dir=Path("/clean-room"),
-        clientappio_port=9094, host="0.0.0.0", isolation="process",
+        clientappio_port=9094, host="0.0.0.0", isolation="process", clean_room_state_dir=STATE,
     )[1:]
     assert clean_room["clientapp"]["command"] == superexec_command(runtime_api="supernode:9094", root_certificates=None)[1:]
     for step in ("register", "train"):  # pcvr's own CLI parses the one-shot steps as written
@@ -142,6 +144,11 @@ def test_every_path_a_command_uses_is_mounted_and_every_read_only_file_exists(en
                 for directory in re.findall(r'clean-room-dir="([^"]+)"', " ".join(service["command"])):
                     assert _inside(Path(directory), executor), f"{where}: {directory} is not mounted in its executor"
                     assert not _inside(Path(directory), mounts), f"{where}: the SuperNode needs no clean-room data"
+                    # the clean room's data is read-only to its ClientApp; what it records goes to its state dir
+                    assert any(target == Path(directory) and ro for _, target, ro in executor), f"{where}: {directory} is writable"
+                (state_dir,) = re.findall(r'clean-room-state-dir="([^"]+)"', " ".join(service["command"]))
+                assert any(target == Path(state_dir) and not ro for _, target, ro in executor), f"{where}: no writable {state_dir}"
+                assert service.get("restart") == "on-failure", f"{where}: a killed SuperNode must come back"
     serverapp = _mounts(_services("platform/compose.yml", env)["serverapp"])
     train = _services("platform/compose.yml", env)["train"]["command"]
     platform = PlatformDir(Path(train[train.index("--platform-dir") + 1]))
@@ -152,5 +159,5 @@ def test_every_path_a_command_uses_is_mounted_and_every_read_only_file_exists(en
 def test_the_clean_room_host_mounts_only_its_own_key_and_directory(env):
     services = _services("clean-room/compose.yml", env)
     sources = {source for service in services.values() for source, _, _ in _mounts(service)}
-    assert sources == {Path(env["PCVR_CA"]), Path(env["PCVR_KEY"]), Path(env["PCVR_ROOM"])}
+    assert sources == {Path(env["PCVR_CA"]), Path(env["PCVR_KEY"]), Path(env["PCVR_ROOM"]), Path(env["PCVR_ROOM_STATE"])}
     assert not any("superlink.key" in str(s) or "ca.key" in str(s) for s in sources)

@@ -7,9 +7,6 @@ its process group, and every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
-import random
-import socket
 import time
 from pathlib import Path
 
@@ -19,51 +16,27 @@ from pcvr.cli import main
 from pcvr.deploy.certs import CertLayout, make_certs
 from pcvr.deploy.local import (
     LOCAL_HOSTS,
-    DeployError,
-    DeployLayout,
     LocalDeployment,
-    _environment,
-    _flwr_json,
-    _online_nodes,
-    _Processes,
-    _wait_for_port,
     deploy_local,
     register_command,
     superlink_command,
     supernode_command,
-    supernode_failure,
     write_connection,
 )
+from pcvr.deploy.processes import (
+    DeployError,
+    DeployLayout,
+    Processes,
+    environment,
+    flwr_json,
+    online_nodes,
+    supernode_failure,
+    wait_for_port,
+)
+
+from support import free_port_block, process_alive
 
 ROUNDS = 2
-
-
-def _free_port_block(count: int) -> int:
-    """A port p with p .. p+count all free on 127.0.0.1 right now."""
-    rng = random.Random(os.getpid())
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count + 1):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                sockets.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free block of ports on 127.0.0.1")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
 def test_deploy_local_trains_three_clean_rooms_over_tls_with_node_auth(work_dir, tmp_path, capsys):
@@ -71,7 +44,7 @@ def test_deploy_local_trains_three_clean_rooms_over_tls_with_node_auth(work_dir,
         work_dir=work_dir,
         run_dir=tmp_path / "run",
         clean_rooms=3,
-        port=_free_port_block(3),
+        port=free_port_block(3),
         run_config={"num-rounds": ROUNDS, "eval-every": ROUNDS, "batch-size": 2048},
     )
     result = deploy_local(deployment)
@@ -97,7 +70,7 @@ def test_deploy_local_trains_three_clean_rooms_over_tls_with_node_auth(work_dir,
     for k in range(3):
         assert "Start `flwr-clientapp`" in layout.log_file(f"supernode_{k}").read_text()
     pids = [int(p.read_text()) for p in layout.logs.glob("*.pid")]
-    assert len(pids) == 4 and not any(_alive(pid) for pid in pids)  # every process it started is stopped
+    assert len(pids) == 4 and not any(process_alive(pid) for pid in pids)  # every process it started is stopped
 
 
 def test_deploy_local_refuses_a_used_run_dir_and_a_missing_clean_room(work_dir, tmp_path, capsys):
@@ -121,16 +94,16 @@ def superlink(tmp_path_factory):
     certs = CertLayout(root / "certs")
     make_certs(certs.root, hosts=LOCAL_HOSTS, clean_rooms=4)  # key 3 is made but never registered
     layout = DeployLayout(root / "run")
-    port = _free_port_block(8)
-    env = _environment(layout)
+    port = free_port_block(8)
+    env = environment(layout)
     write_connection(layout, address=f"127.0.0.1:{port}", root_certificates=certs.ca_cert)
     layout.database.parent.mkdir(parents=True)
-    processes = _Processes(layout, env)
+    processes = Processes(layout, env)
     try:
         processes.start("superlink", superlink_command(certs=certs, database=layout.database, host="127.0.0.1", port=port))
-        _wait_for_port(processes, "superlink", port, timeout_s=180)
+        wait_for_port(processes, "superlink", port, timeout_s=180)
         node_ids = {
-            k: int(_flwr_json(register_command(certs.node_public_key(k)), env, what="register", timeout_s=120)["node-id"])
+            k: int(flwr_json(register_command(certs.node_public_key(k)), env, what="register", timeout_s=120)["node-id"])
             for k in range(3)
         }
         yield {"certs": certs, "port": port, "env": env, "processes": processes, "node_ids": node_ids, "layout": layout}
@@ -167,7 +140,7 @@ def _wait_for_failure(log_file: Path, *, timeout_s: float = 120.0) -> str:
 def test_supernodes_that_must_not_join_are_refused_and_never_sent_anything(superlink):
     owner = _start_supernode(superlink, "owner", 0, key=2)  # a registered node, online first
     deadline = time.monotonic() + 120
-    while superlink["node_ids"][2] not in _online_nodes(superlink["env"]):
+    while superlink["node_ids"][2] not in online_nodes(superlink["env"]):
         assert supernode_failure(owner) is None and time.monotonic() < deadline, owner.read_text()[-2000:]
         time.sleep(1.0)
 
@@ -185,7 +158,7 @@ def test_supernodes_that_must_not_join_are_refused_and_never_sent_anything(super
     for name, (_, expected) in cases.items():
         failure = _wait_for_failure(logs[name])
         assert expected in failure, (name, failure)
-    online = _online_nodes(superlink["env"])
+    online = online_nodes(superlink["env"])
     assert online == {superlink["node_ids"][2]}  # only the owner; 0 and 1 stay registered, never online
     for name, log_file in logs.items():
         text = log_file.read_text()

@@ -99,10 +99,10 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, monkeypatch) -> No
 
 
 def test_pcvr_train_resume_names_the_run_its_checkpoint_belongs_to(tmp_path, monkeypatch) -> None:
-    from pcvr.cli_parties import _interrupted_run
+    from pcvr.platform.federation import interrupted_run
 
     with pytest.raises(SimulatedCrash):
         train(monkeypatch, tmp_path, make_trainer(total_steps=ROUNDS), run_id=FIRST_RUN, crash_at=("train", 3))
-    assert _interrupted_run(tmp_path / "run") == FIRST_RUN
+    assert interrupted_run(tmp_path / "run") == FIRST_RUN
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
-        _interrupted_run(tmp_path / "never-ran")
+        interrupted_run(tmp_path / "never-ran")
