@@ -40,6 +40,7 @@ __all__ = [
 
 CONNECTION = "pcvr-local"  # the one SuperLink connection in a deployment's $FLWR_HOME/config.toml
 _STOP_GRACE_S = 10.0
+SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"  # seconds (flwr 1.41's default: 1)
 
 
 class DeployError(RuntimeError):
@@ -85,6 +86,10 @@ def environment(layout: DeployLayout) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_HOME"] = str(layout.flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    # An app executor looks for a message to run every second by default; each clean room's
+    # ClientApp starts per message, so each round would wait for that poll on top of the
+    # SuperNode's own (3 s when idle, fixed in flwr 1.41).
+    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 

@@ -79,7 +79,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 __all__ = ["LOSS_CLIP", "EvalAggregates", "Estimate", "PrivateMetrics", "room_aggregates", "combine", "estimate"]
 
@@ -216,6 +215,8 @@ def room_aggregates(
     g = below[inverse] + 0.5 * negatives_at[inverse]
     pairs_ordered = float(_dot(s, g) - 0.5 * _dot(s, 1.0 - s))  # drop the j = i terms
     pairs = positives * (n - positives) - _dot(s, 1.0 - s)
+    from scipy.stats import rankdata  # here, not at the top: a ClientApp process that only trains never pays for scipy.stats
+
     below_rank = rankdata(probs, method="average") - 1.0  # R_i = Σ_{j≠i} h_ij
     c_n = below_rank - positives + s
     c_d = (n - 1) - 2.0 * positives + 2.0 * s

@@ -118,9 +118,12 @@ def test_commands_are_the_ones_pcvr_deploy_local_builds(env):
         clientappio_port=9094, host="0.0.0.0", isolation="process", clean_room_state_dir=STATE,
     )[1:]
     assert clean_room["clientapp"]["command"] == superexec_command(runtime_api="supernode:9094", root_certificates=None)[1:]
-    for step in ("register", "train"):  # pcvr's own CLI parses the one-shot steps as written
+    for step in ("register", "train", "resume"):  # pcvr's own CLI parses the one-shot steps as written
         args = _parser().parse_args(one_host[step]["command"])
         assert args.superlink == "superlink:8000" and args.root_certificates == CONTAINER_CERTS.ca_cert
+    # resuming takes exactly the interrupted run's options
+    assert one_host["resume"]["command"] == one_host["train"]["command"] + ["--resume"]
+    assert one_host["resume"]["volumes"] == one_host["train"]["volumes"]
 
 
 def test_every_path_a_command_uses_is_mounted_and_every_read_only_file_exists(env, work_dir):
@@ -154,6 +157,16 @@ def test_every_path_a_command_uses_is_mounted_and_every_read_only_file_exists(en
     platform = PlatformDir(Path(train[train.index("--platform-dir") + 1]))
     for needed in (platform.backbone / "backbone.pt", platform.oracle_holdout):  # what the ServerApp reads
         assert _inside(needed, serverapp) or _inside(needed.parent, serverapp), needed
+
+
+def test_every_container_runs_with_the_environment_pcvr_deploy_local_sets(env, tmp_path):
+    from pcvr.deploy.processes import SUPEREXEC_POLL_ENV, DeployLayout, environment
+
+    local = environment(DeployLayout(tmp_path))
+    for name in COMPOSE_FILES:
+        for service_name, service in _services(name, env).items():
+            for key in ("FLWR_TELEMETRY_ENABLED", SUPEREXEC_POLL_ENV):
+                assert service["environment"][key] == local[key], f"{name}:{service_name}: {key}"
 
 
 def test_the_clean_room_host_mounts_only_its_own_key_and_directory(env):
