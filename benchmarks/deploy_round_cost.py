@@ -128,10 +128,16 @@ def main() -> None:
                 "clientapp_import": round(import_seconds(), 3),
             },
             "evaluation_s_mean": round(float(np.mean([e["eval_s"] for e in result["evaluations"]])), 3),
+            "auc_by_round": [round(e["auc"], 4) for e in result["evaluations"]],
         },
     }
     if central_hit and hit:
         out["ratio_seconds_to_target"] = round(hit["train_s"] / central_hit["train_s"], 2)
+    elif central_hit:  # not reached: say how far one round alone is from the centralized run's whole time
+        out["ratio_seconds_to_target"] = None
+        out["ratio_one_round_to_centralized_time_to_target"] = round(
+            float(np.median([r["wall_s"] for r in result["history"]])) / central_hit["train_s"], 2
+        )
     print(json.dumps(out))
 
 
