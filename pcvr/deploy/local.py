@@ -356,22 +356,29 @@ def _wait_sessions_lapsed(env: Mapping[str, str], node_ids: Mapping[int, int], *
         time.sleep(5.0)
 
 
-def end_interrupted_runs(env: Mapping[str, str]) -> None:
+def end_interrupted_runs(env: Mapping[str, str], *, timeout_s: float = 60.0) -> None:
     """Stop the runs an interrupted platform left unfinished and let the SuperLink clean up after them.
 
     Listing the runs is what makes a flwr 1.41 SuperLink drop a finished run's undelivered
     messages. Without it, the interrupted run's last instruction still reaches a restarted
     SuperNode, which ignores it (its run is over) but then cannot start a ClientApp for the
-    next run.
+    next run. A stop can lose the race with the SuperLink marking the dead run failed on its
+    own; either way the run ends finished, which is what is waited for.
     """
-    listing = flwr_json(["flwr", "ls", CONNECTION, "--format", "json"], env, what="listing the runs", timeout_s=60)
-    for run in listing.get("runs", []):
-        if not str(run.get("status", "")).startswith("finished"):
-            flwr_json(
-                ["flwr", "stop", str(run["run-id"]), CONNECTION, "--format", "json"], env,
-                what=f"stopping the interrupted run {run['run-id']}", timeout_s=60,
-            )
-    flwr_json(["flwr", "ls", CONNECTION, "--format", "json"], env, what="listing the runs", timeout_s=60)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listing = flwr_json(["flwr", "ls", CONNECTION, "--format", "json"], env, what="listing the runs", timeout_s=60)
+        unfinished = [run["run-id"] for run in listing.get("runs", []) if not str(run.get("status", "")).startswith("finished")]
+        if not unfinished:
+            return
+        if time.monotonic() > deadline:
+            raise DeployError(f"the interrupted run {unfinished[0]} did not end within {timeout_s:.0f} s")
+        for run_id in unfinished:
+            try:
+                flwr_json(["flwr", "stop", str(run_id), CONNECTION, "--format", "json"], env, what=f"stopping run {run_id}", timeout_s=60)
+            except DeployError:
+                pass  # finished meanwhile, or not yet stoppable: the next listing says
+        time.sleep(1.0)
 
 
 def deploy_local(deployment: LocalDeployment, *, out=print) -> dict:

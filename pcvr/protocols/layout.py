@@ -27,6 +27,7 @@ another party's manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from pcvr.protocols.names import check_name, resolve_inside
@@ -45,6 +46,7 @@ __all__ = [
     "ACCOUNTANT_FILE",
     "RESULT_FILE",
     "PRIVACY_LEDGER_FILE",
+    "PartyDir",
     "PlatformDir",
     "ExportDir",
     "HandoffDir",
@@ -74,16 +76,27 @@ PRIVACY_LEDGER_FILE = "privacy_ledger.json"  # a training run's privacy ledger
 
 
 @dataclass(frozen=True)
-class PlatformDir:
-    """The platform's directory: its backbone, and its training runs."""
+class PartyDir:
+    """One party's directory: its root and the manifest that says whose it is (:func:`claim`).
+
+    Each kind names its manifest file (``MANIFEST``) and what it is, in words (``WHAT``).
+    """
 
     root: Path
-    MANIFEST = "platform.json"
-    WHAT = "a platform directory"
+    MANIFEST: ClassVar[str] = ""
+    WHAT: ClassVar[str] = ""
 
     @property
     def manifest(self) -> Path:
         return Path(self.root) / self.MANIFEST
+
+
+@dataclass(frozen=True)
+class PlatformDir(PartyDir):
+    """The platform's directory: its backbone, and its training runs."""
+
+    MANIFEST = "platform.json"
+    WHAT = "a platform directory"
 
     @property
     def backbone(self) -> Path:
@@ -114,16 +127,11 @@ class PlatformDir:
 
 
 @dataclass(frozen=True)
-class ExportDir:
+class ExportDir(PartyDir):
     """What the platform hands one clean room: encoded features under the join key, and the backbone."""
 
-    root: Path
     MANIFEST = "export.json"
     WHAT = "a platform export"
-
-    @property
-    def manifest(self) -> Path:
-        return Path(self.root) / self.MANIFEST
 
     @property
     def features(self) -> Path:
@@ -135,16 +143,11 @@ class ExportDir:
 
 
 @dataclass(frozen=True)
-class HandoffDir:
+class HandoffDir(PartyDir):
     """What the advertiser hands its clean room: one label set's noisy labels and its ledger."""
 
-    root: Path
     MANIFEST = "handoff.json"
     WHAT = "an advertiser hand-off"
-
-    @property
-    def manifest(self) -> Path:
-        return Path(self.root) / self.MANIFEST
 
     @property
     def labels(self) -> Path:
@@ -198,7 +201,7 @@ class LabelSetDir:
 
 
 @dataclass(frozen=True)
-class CleanRoomDir:
+class CleanRoomDir(PartyDir):
     """A clean room's directory: its policy, its own secret, the backbone copy and its joined label sets.
 
     What the clean room writes while it trains — its release log and its DP-SGD
@@ -206,7 +209,6 @@ class CleanRoomDir:
     directory read-only gives it a writable one), else into the directory itself.
     """
 
-    root: Path
     state_root: Path | None = None
     MANIFEST = "clean_room.json"
     WHAT = "a clean-room directory"
@@ -215,10 +217,6 @@ class CleanRoomDir:
     def state(self) -> Path:
         """Where the clean room's training state is written (:attr:`releases`, :attr:`accountant`)."""
         return Path(self.state_root if self.state_root is not None else self.root)
-
-    @property
-    def manifest(self) -> Path:
-        return Path(self.root) / self.MANIFEST
 
     @property
     def policy(self) -> Path:
