@@ -43,7 +43,7 @@ from pcvr.data.encoding import FeatureEncoding
 from pcvr.data.io import write_bytes_atomic, write_json_atomic
 from pcvr.data.prepared import prepare_artifact, require_secret
 from pcvr.data.spec import DatasetSpec
-from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec, holdout_spec_path, synthesize
+from pcvr.data.synth import TRUE_PROB, WorldConfig, advertiser_spec_path, holdout_spec_path, synthesize
 from pcvr.models.cvr import ModelShape, attach_adapters, load_backbone, parameter_counts
 from pcvr.oracle import HeldOutRows, held_out_truth
 from pcvr.platform.evaluate import holdout_metrics, predict
@@ -193,11 +193,18 @@ def prepare(spec: SimulationSpec) -> dict:
         lambda: parties.pretrain(platform_spec, platform, settings=settings, shape=spec.model, replace=True),
     )
     # What only a simulation knows, the holdout's true labels: the platform evaluates on them.
-    (holdout,) = DatasetSpec.load(holdout_spec_path(world_dir)).require("pretrain").paths
+    world_holdout = DatasetSpec.load(holdout_spec_path(world_dir))
+    (holdout,) = world_holdout.require("pretrain").paths
 
-    def copy_holdout() -> None:
+    def copy_holdout() -> None:  # the world's holdout spec, naming the platform's copy
         _copy(holdout, platform.oracle_holdout)
-        holdout_spec(platform.oracle_holdout, source=platform.oracle_spec, config=spec.world).write()
+        copy = (platform.oracle_holdout,)
+        dataclasses.replace(
+            world_holdout,
+            source=platform.oracle_spec,
+            features=dataclasses.replace(world_holdout.require("features"), paths=copy),
+            pretrain=dataclasses.replace(world_holdout.require("pretrain"), paths=copy),
+        ).write()
 
     prepare_artifact(platform.oracle_holdout, {"holdout": holdout}, copy_holdout)
     ledgers: dict[str, list[dict]] = {}

@@ -21,9 +21,26 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--jobs", type=int, default=default_jobs(), help="cells run in parallel processes (default: %(default)s, half the cores)")
     report.add_argument("--screenshot", action="store_true", help="then open index.html in headless Chromium: check every image, save OUT/screenshot.png")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # The world comes from the grid's [world] table; a user's own data spec plugs in at
-    # ReportGrid.spec / cells.prepare_base (a --spec option) when that data path exists.
+    report.add_argument(
+        "--spec", type=Path, action="append", default=None,
+        help="run on your own files instead of the synthetic world: one dataset spec per advertiser, repeated "
+        "(the first one's [pretrain] pretrains the backbone); the grid's [world] is then unused",
+    )
     report.set_defaults(func=_cmd_report)
+
+
+def _on_user_data(grid, *, specs: list[Path], out: Path):
+    """The grid on the user's specs: checked first (nothing written on a bad spec), then laid out as the world."""
+    import dataclasses
+
+    from pcvr.protocols.layout import SimulationDir
+    from pcvr.report.cells import ReportLayout
+    from pcvr.report.userdata import import_user_data, load_user_data
+
+    data = load_user_data(specs)
+    layout = ReportLayout(out)
+    world = import_user_data(data, SimulationDir(layout.base).world, secret_file=layout.out / "secrets" / "holdout_split.key")
+    return dataclasses.replace(grid, world=world, data_digest=data.digest, name=f"{grid.name} on your data")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -34,6 +51,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)  # every cell validated before anything runs
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
+    if args.spec:
+        grid = _on_user_data(grid, specs=args.spec, out=args.out)
     try:
         document = make_report(grid, out=args.out, jobs=args.jobs, show_progress=not args.no_progress)
     except KeyboardInterrupt:

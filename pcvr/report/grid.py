@@ -140,6 +140,7 @@ class ReportGrid:
     seeds: int
     sweeps: tuple[dict[str, tuple], ...]  # axis → values, plus "audit_corrections"
     policy: ConsentPolicy = field(default_factory=ConsentPolicy.default)
+    data_digest: str = ""  # a user's data (``--spec``, :mod:`pcvr.report.userdata`) by content; "" on the synthetic world
 
     def reference(self, axis: str) -> object:
         """The value of ``axis`` a sweep that leaves it out runs at."""
@@ -205,6 +206,7 @@ class ReportGrid:
             "spec": {f.name: repr(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name != "work_dir"},
             "audit": dataclasses.asdict(self.audit) if cell.audit else None,
             "secrets": secrets_digest,
+            "data": self.data_digest,
         }
         return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -235,6 +235,18 @@ def _cells_table(document: dict) -> str:
     return _table(["configuration", "seeds", "AUC", "calibration", "NE", "private calibration", "bytes up/round", "DP-SGD ε"], rows)
 
 
+def _holdout_words(document: dict) -> str:
+    rows = document["reference"]["holdout_rows"]
+    if document["world"].get("data") == "user":
+        from pcvr.report.userdata import HOLDOUT_FRACTION
+
+        return (
+            f"{rows:,} of your clicks held out with their true labels (a keyed {HOLDOUT_FRACTION:.0%} of each advertiser's "
+            "clicks, kept out of training; opted-out users left out)"
+        )
+    return f"the platform's {rows:,}-row holdout with true labels"
+
+
 def render_page(document: dict, images: Mapping[str, bytes]) -> str:
     """The whole page; ``images`` maps each plot's file name to its PNG bytes."""
     sections = []
@@ -249,7 +261,7 @@ def render_page(document: dict, images: Mapping[str, bytes]) -> str:
         f"Grid <b>{html.escape(document['grid'])}</b>: {len(document['rows'])} runs ({len(document['aggregates'])} configurations × "
         f"up to {document['seeds']} seeds, each seed with its own randomized-response secrets), one federated run each on "
         f"{document['world']['rows']:,} rows across {document['world']['clean_rooms']} clean rooms, {document['rounds']} rounds; "
-        f"metrics on the platform's {reference['holdout_rows']:,}-row holdout with true labels. {document['cells_run']} cells run now, "
+        f"metrics on {_holdout_words(document)}. {document['cells_run']} cells run now, "
         f"{document['cells_cached']} reused; {document['wall_s']:.0f} s."
     )
     guarantee = GUARANTEE.format(adapters=reference["parameters"]["adapters"])

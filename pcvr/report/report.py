@@ -136,7 +136,11 @@ def write_report(grid: ReportGrid, outcome: SweepOutcome, *, out: Path) -> dict:
         "report": "privacy-accuracy trade-off",
         "grid": grid.name,
         "seeds": grid.seeds,
-        "world": {"rows": grid.world.rows, "clean_rooms": grid.world.advertisers, "base_rate": grid.world.base_rate},
+        "world": (
+            {"rows": grid.world.rows, "clean_rooms": grid.world.advertisers, "data": "user", "data_digest": grid.data_digest}
+            if grid.data_digest
+            else {"rows": grid.world.rows, "clean_rooms": grid.world.advertisers, "base_rate": grid.world.base_rate, "data": "synthetic"}
+        ),
         "rounds": grid.spec(work_dir=out).num_rounds,
         "reference_config": reference_config,
         "reference": outcome.reference,
