@@ -116,3 +116,14 @@ def test_a_platform_killed_with_minus_9_resumes_from_its_checkpoint(work_dir, tm
     for k in range(3):  # each clean room's releases stayed on the one run's account, across both Flower runs
         releases = ReleaseLog(work_dir / f"clean_room_{k}", run_key=f"eps=3/run-{first_run}")
         assert rounds <= releases.in_run <= rounds + 1  # round 3 may have been served before the kill landed
+
+
+def test_resume_without_an_interrupted_run_says_so_in_one_line(work_dir, tmp_path, capsys):
+    assert main(["deploy", "local", "--resume", "--run-dir", str(tmp_path / "none"), "--work-dir", str(work_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no run to resume" in err[0]
+    argv = ["deploy", "run", "--superlink", "127.0.0.1:9", "--insecure", "--run-dir", str(tmp_path / "remote"),
+            "--platform-dir", str(work_dir / "platform"), "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint to resume from" in err[0]
