@@ -179,7 +179,12 @@ class RunConfig:
         return cls(**kwargs)
 
     def to_run_config(self) -> dict[str, str | int | float]:
-        """The inverse of :meth:`from_run_config`."""
+        """The inverse of :meth:`from_run_config`.
+
+        Flower carries a run config's integers as signed 64-bit values; a Flower run id
+        is unsigned 64-bit, so one above 2**63 − 1 (``resume-run``: half of all run ids)
+        goes as its decimal string, which :meth:`from_run_config` reads back.
+        """
         out: dict[str, str | int | float] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -187,6 +192,8 @@ class RunConfig:
                 value = str(value)
             elif isinstance(value, Correction):
                 value = value.value
+            elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                value = str(value)
             out[f.name.replace("_", "-")] = value
         return out
 

@@ -151,3 +151,16 @@ def test_from_run_config_does_not_mutate_input():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().num_rounds = 3  # type: ignore[misc]
+
+
+def test_a_run_id_above_the_signed_range_crosses_flowers_run_config() -> None:
+    """Half of Flower's run ids exceed 2**63 - 1; Flower's user config holds signed 64-bit integers."""
+    from flwr.common.serde import user_config_from_proto, user_config_to_proto
+
+    run_id = 18267941206355143629  # a real one, which a resumed ClientApp could not be started with
+    config = RunConfig(resume_run=run_id)
+    crossed = user_config_from_proto(user_config_to_proto(config.to_run_config()))
+    assert RunConfig.from_run_config(crossed).resume_run == run_id
+    assert RunConfig.from_run_config(config.to_run_config()) == config
+    with pytest.raises(ValueError, match="out of range"):  # the control: the bare integer does not cross
+        user_config_to_proto({"resume-run": run_id})
