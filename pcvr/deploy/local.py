@@ -359,11 +359,11 @@ def _wait_sessions_lapsed(env: Mapping[str, str], node_ids: Mapping[int, int], *
 def end_interrupted_runs(env: Mapping[str, str], *, timeout_s: float = 60.0) -> None:
     """Stop the runs an interrupted platform left unfinished and let the SuperLink clean up after them.
 
-    Listing the runs is what makes a flwr 1.41 SuperLink drop a finished run's undelivered
-    messages. Without it, the interrupted run's last instruction still reaches a restarted
-    SuperNode, which ignores it (its run is over) but then cannot start a ClientApp for the
-    next run. A stop can lose the race with the SuperLink marking the dead run failed on its
-    own; either way the run ends finished, which is what is waited for.
+    The SuperLink's database still holds the interrupted run as running, with its last
+    instructions undelivered; ended, neither reaches a restarted SuperNode, and the
+    listing shows only the resumed run. A stop can lose the race with the SuperLink
+    marking the dead run failed on its own; either way the run ends finished, which is
+    what is waited for.
     """
     deadline = time.monotonic() + timeout_s
     while True:
