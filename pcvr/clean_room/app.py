@@ -34,13 +34,13 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from pcvr.clean_room.dataset import CleanRoomData, load_training_data
 from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch
 from pcvr.clean_room.evaluate import evaluate_split, evaluation_ledger, record_release
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
+from pcvr.clean_room.resident import Resident
 from pcvr.clean_room.session import RoomState, carried_residual, load_state, save_state, weights_for
 from pcvr.clean_room.task import AdamMoments, BatchGradient, batch_gradient, batch_indices, local_update
-from pcvr.models.cvr import attach_adapters, backbone_digest, load_backbone, parameter_counts, set_adapter_vector
+from pcvr.models.cvr import attach_adapters, backbone_digest, parameter_counts, set_adapter_vector
 from pcvr.protocols.codecs import compress_with_feedback
 from pcvr.protocols.eval_messages import EVALUATE_MESSAGE, EvaluateIns, EvaluateReply
 from pcvr.protocols.messages import (
@@ -74,6 +74,7 @@ class _Node:
     room: CleanRoomDir
     dp: DPSGDConfig | None
     policy: RoomPolicy
+    files: Resident  # its backbone and rows, kept between messages where the process lives on
 
     @property
     def state(self) -> Path:
@@ -95,7 +96,9 @@ def dp_sgd_config(config: RunConfig, node_config: Mapping[str, object]) -> DPSGD
     )
 
 
-def _node_facts(node_config: Mapping[str, object], config: RunConfig, rooms: Mapping[int, Path]) -> _Node:
+def _node_facts(
+    node_config: Mapping[str, object], config: RunConfig, rooms: Mapping[int, Path], files: Resident
+) -> _Node:
     """The clean room's own facts: its id and directory from its node config, or from the local
     launcher's ``rooms`` (clean-room id → directory) in simulation; never from the run config."""
     raw_id = node_config.get(CLEAN_ROOM_ID, node_config.get(PARTITION_ID))
@@ -114,6 +117,7 @@ def _node_facts(node_config: Mapping[str, object], config: RunConfig, rooms: Map
         room=room,
         dp=dp_sgd_config(config, node_config),
         policy=RoomPolicy.load(room.root),
+        files=files,
     )
 
 
@@ -148,7 +152,7 @@ def _released_update(
     uses the batches of steps (r−1)K+1 … rK of its private order) or, under DP-SGD, its
     own Poisson sample, every one of them accounted before anything leaves.
     """
-    data = _load(node.room.label_set(config.label_set).train)
+    data = node.files.rows(node.room.label_set(config.label_set).train)
     floor = node.policy.batch_floor(ins.min_batch_size)
     node.policy.check_rows(len(data), floor=floor)
     round_, steps = ins.binding.round, ins.local_steps
@@ -248,30 +252,30 @@ def _check_ready(node: _Node, config: RunConfig, ins: PreflightIns) -> None:
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     node.policy.check_batch_size(ins.batch_size)
     node.policy.check_releases(ReleaseLog(node.state, run_key=_run_key(config, ins.binding.run_id)))
-    if backbone_digest(load_backbone(node.room.backbone)) != ins.backbone_digest:
+    if backbone_digest(node.files.backbone(node.room.backbone)) != ins.backbone_digest:
         raise Refused(Refusal.BACKBONE_MISMATCH, f"{node.room.backbone} differs from the platform's backbone")
     json.loads(label_set.ledger.read_text())
-    data = _load(label_set.train)
+    data = node.files.rows(label_set.train)
     node.policy.check_rows(min(len(data), ins.batch_size), floor=node.policy.batch_floor(ins.min_batch_size))
 
 
-def _load(path: Path) -> CleanRoomData:
-    return load_training_data(path)
-
-
-def _preflight(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
-    node = _node_facts(context.node_config, config, rooms)
+def _preflight(
+    msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path], files: Resident
+) -> RecordDict:
+    node = _node_facts(context.node_config, config, rooms, files)
     ins = PreflightIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
     _, refusal = _guarded(context, "pre-flight", lambda: _check_ready(node, config, ins))
     return PreflightReply(binding=ins.binding, clean_room_id=node.clean_room_id, refusal=int(refusal or 0)).to_record()
 
 
-def _train(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
-    node = _node_facts(context.node_config, config, rooms)
+def _train(
+    msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path], files: Resident
+) -> RecordDict:
+    node = _node_facts(context.node_config, config, rooms, files)
     label_set = node.room.label_set(config.label_set)  # a plain name inside the clean room, or refused
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     torch.set_num_threads(1)  # several clean rooms share the machine in simulation
-    model = attach_adapters(load_backbone(node.room.backbone), seed=config.seed)
+    model = attach_adapters(node.files.backbone(node.room.backbone), seed=config.seed)
     length = parameter_counts(model)["adapters"]
     room = load_state(context.state, length=length)
     ins = TrainIns.from_record(
@@ -322,13 +326,15 @@ def _train(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int
     return reply.to_record()
 
 
-def _evaluate(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
+def _evaluate(
+    msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path], files: Resident
+) -> RecordDict:
     """Score the held-out split with the weights sent; reply with its sums only (:mod:`.evaluate`)."""
-    node = _node_facts(context.node_config, config, rooms)
+    node = _node_facts(context.node_config, config, rooms, files)
     label_set = node.room.label_set(config.label_set)
     node.policy.check_run(label_set=config.label_set, codec=config.codec, dp_enabled=node.dp is not None)
     torch.set_num_threads(1)
-    model = attach_adapters(load_backbone(node.room.backbone), seed=config.seed)
+    model = attach_adapters(node.files.backbone(node.room.backbone), seed=config.seed)
     ins = EvaluateIns.from_record(
         msg.content,
         run_id=context.run_id,
@@ -339,7 +345,7 @@ def _evaluate(msg: Message, context: Context, config: RunConfig, rooms: Mapping[
     path = label_set.eval
     if not path.exists():
         raise Refused(Refusal.NO_HOLDOUT, f"{path} does not exist")
-    data = _load(path)
+    data = node.files.rows(path)
     floor = node.policy.batch_floor(ins.min_batch_size)
     node.policy.check_rows(len(data), floor=floor)
     set_adapter_vector(model, torch.from_numpy(ins.adapter_weights()))
@@ -348,8 +354,10 @@ def _evaluate(msg: Message, context: Context, config: RunConfig, rooms: Mapping[
     return EvaluateReply(binding=ins.binding, aggregates=aggregates).to_record()
 
 
-def _query(msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path]) -> RecordDict:
-    node = _node_facts(context.node_config, config, rooms)
+def _query(
+    msg: Message, context: Context, config: RunConfig, rooms: Mapping[int, Path], files: Resident
+) -> RecordDict:
+    node = _node_facts(context.node_config, config, rooms, files)
     ins = LedgerIns.from_record(msg.content, run_id=context.run_id, node_id=context.node_id, max_bytes=config.max_message_bytes)
     ledger = {**privacy_ledger(node, config, run_id=context.run_id), "evaluation": evaluation_ledger(context.state)}
     return LedgerReply(binding=ins.binding, ledger=ledger).to_record()
@@ -374,6 +382,7 @@ def make_client_app(
     defaults = dict(defaults or {})
     given = None if clean_room_dirs is None else {int(k): Path(v) for k, v in clean_room_dirs.items()}
     client_app = ClientApp()
+    files = Resident()  # this ClientApp's backbone and rows, between messages
 
     def rooms_of() -> Mapping[int, Path]:
         return clean_room_dirs_from_environment() if given is None else given
@@ -383,19 +392,19 @@ def make_client_app(
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context), rooms_of()))
+        return _answer(msg, context, "train", lambda: _train(msg, context, config_of(context), rooms_of(), files))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context), rooms_of()))
+        return _answer(msg, context, EVALUATE_MESSAGE, lambda: _evaluate(msg, context, config_of(context), rooms_of(), files))
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context), rooms_of()))
+        return _answer(msg, context, "ledger query", lambda: _query(msg, context, config_of(context), rooms_of(), files))
 
     @client_app.query(PREFLIGHT_ACTION)
     def preflight(msg: Message, context: Context) -> Message:
-        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context), rooms_of()))
+        return _answer(msg, context, "pre-flight", lambda: _preflight(msg, context, config_of(context), rooms_of(), files))
 
     return client_app
 

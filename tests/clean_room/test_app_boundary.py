@@ -13,6 +13,7 @@ import logging
 import pytest
 
 from pcvr.clean_room import app as client_module
+from pcvr.clean_room import resident as resident_module
 from pcvr.clean_room.app import make_client_app
 from pcvr.protocols.messages import Binding, LedgerIns
 from pcvr.protocols.refusals import Refusal
@@ -47,8 +48,8 @@ def test_an_honest_round_is_served(room) -> None:
 @pytest.mark.parametrize(
     "target",
     [
-        "load_backbone",
-        "load_training_data",
+        "resident:load_backbone",
+        "resident:load_training_data",
         "attach_adapters",
         "batch_gradient",
         "compress_with_feedback",
@@ -58,8 +59,10 @@ def test_an_honest_round_is_served(room) -> None:
     ],
 )
 def test_a_failure_at_any_step_of_a_round_crosses_as_a_fixed_code(room, monkeypatch, caplog, target) -> None:
+    module, _, target = target.rpartition(":")  # the files a ClientApp reads are read through its store
     owner, _, name = target.rpartition(".")
-    monkeypatch.setattr(getattr(client_module, owner) if owner else client_module, name, boom)
+    base = resident_module if module else client_module
+    monkeypatch.setattr(getattr(base, owner) if owner else base, name, boom)
     with caplog.at_level(logging.ERROR, logger="pcvr.clean_room.app"):
         reply = deliver(make_client_app(), train_instruction(), room_context(room))
     assert_fixed(reply, Refusal.FAILED)
