@@ -35,6 +35,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from pcvr.clean_room.dp_sgd import DPSGDConfig, PrivacyAccountant, noise_multiplier_for, poisson_batch
+from pcvr.clean_room.engine_poll import prompt_message_pickup
 from pcvr.clean_room.evaluate import evaluate_split, evaluation_ledger, record_release
 from pcvr.clean_room.policy import ReleaseLog, RoomPolicy
 from pcvr.clean_room.resident import Resident
@@ -432,3 +433,4 @@ def privacy_ledger(node: _Node, config: RunConfig, *, run_id: int) -> dict[str, 
 
 
 app = make_client_app()
+prompt_message_pickup()  # in Flower's simulation engine only: see engine_poll
