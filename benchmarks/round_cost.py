@@ -10,7 +10,7 @@ The target AUC is 95% of the way from the frozen backbone's AUC to the best AUC 
 centralized run reaches; each side's time to target counts training only (holdout
 evaluation excluded), and the federated side also reports its engine start-up.
 
-    python benchmarks/round_cost.py [--rows 300000] [--rounds 100] [--work-dir runs/bench]
+    python benchmarks/round_cost.py [--rows 300000] [--rounds 100] [--local-steps 1] [--work-dir runs/bench]
 
 Prints one JSON line.
 """
@@ -86,7 +86,7 @@ def clean_room_compute_s(spec: SimulationSpec, *, label_set: str) -> float:
                 binding=Binding(run_id=run_id, round=1, node_id=7), base_round=0, codec=none,
                 size=parameter_counts(model)["adapters"], weights=encode(weights, none, generator=np.random.default_rng(0)),
                 batch_size=spec.batch_size, min_batch_size=spec.min_batch_size, correction=spec.correction,
-                learning_rate=spec.learning_rate,
+                learning_rate=spec.learning_rate, local_steps=spec.local_steps,
             )
             metadata = Metadata(
                 run_id=run_id, message_id="m" * 64, src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="1",
@@ -110,12 +110,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=1, help="Adam steps each clean room takes per federated round")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     spec = SimulationSpec(
-        work_dir=args.work_dir, world=WorldConfig(rows=args.rows), num_rounds=args.rounds, eval_every=args.eval_every
+        work_dir=args.work_dir, world=WorldConfig(rows=args.rows), num_rounds=args.rounds, eval_every=args.eval_every,
+        local_steps=args.local_steps,
     )
     prepare(spec)
     label_set = spec.private_label_set
@@ -145,6 +147,7 @@ def main() -> None:
         "rows": args.rows,
         "clean_rooms": spec.world.advertisers,
         "batch_size": spec.batch_size,
+        "local_steps": spec.local_steps,
         "backbone_auc": round(backbone_auc, 5),
         "target_auc": round(target, 5),
         "centralized": {
