@@ -183,7 +183,7 @@ def test_a_csv_feature_log_and_an_advertisers_own_conversions_file(tmp_path, cap
     assert code == 1 and len(lines) == 1 and "clean room 0" in lines[0] and "too_few_rows" in lines[0], lines
 
 
-def test_criteo_format_tsv_with_two_advertisers(tmp_path, capsys):
+def test_criteo_format_tsv_with_two_advertisers(tmp_path, capsys, monkeypatch):
     platform_spec, export_specs = write_criteo_example(tmp_path / "data")
     platform = tmp_path / "platform"
     _run(capsys, tmp_path, platform, "platform", "pretrain", "--spec", str(platform_spec), "--out", str(platform))
@@ -205,7 +205,10 @@ def test_criteo_format_tsv_with_two_advertisers(tmp_path, capsys):
         )
         _run(capsys, tmp_path, room, "clean-room", "join", "--export", str(export), "--handoff", str(handoff), "--out", str(room))
         rooms.append(str(room))
-    out = _run(capsys, tmp_path, (platform / "runs", *map(Path, rooms)), "train", "--platform-dir", str(platform), "--clean-rooms", *rooms, *TRAINING)
+    # Paths as README's example types them: relative to where the command runs, not to where Flower's processes run.
+    monkeypatch.chdir(tmp_path)
+    relative = [str(Path(room).relative_to(tmp_path)) for room in rooms]
+    out = _run(capsys, tmp_path, (platform / "runs", *map(Path, rooms)), "train", "--platform-dir", "platform", "--clean-rooms", *relative, *TRAINING)
     figures = _private_figures(out)
     assert "in 2 clean rooms" in out
     _assert_sane(figures)

@@ -499,6 +499,7 @@ def run_training(
 
     ``on_start`` gets the ``flwr run`` process as soon as it is started (to stop it from elsewhere).
     """
+    run_config = RunConfig.from_run_config(run_config).anchored().to_run_config()  # Flower's processes run in layout.run_dir
     write_app(layout, run_config)
     _stream_run(layout, env, out=out, federation_config=federation_config, on_start=on_start)
     result_path = Path(str(run_config["run-dir"])) / RESULT_FILE

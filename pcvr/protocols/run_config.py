@@ -178,6 +178,15 @@ class RunConfig:
                 raise ValueError(f"run config: {key}: {exc}") from None
         return cls(**kwargs)
 
+    def anchored(self) -> "RunConfig":
+        """The same config with every path absolute, a relative one read against this process's working directory.
+
+        Flower runs the ServerApp in a process of its own whose working directory is
+        the run's, not the one a user typed ``--work-dir runs/demo`` in.
+        """
+        paths = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Path)}
+        return dataclasses.replace(self, **{name: path.absolute() for name, path in paths.items()})
+
     def to_run_config(self) -> dict[str, str | int | float]:
         """The inverse of :meth:`from_run_config`.
 

@@ -153,6 +153,14 @@ def test_config_is_frozen():
         RunConfig().num_rounds = 3  # type: ignore[misc]
 
 
+def test_anchored_makes_every_path_absolute_against_the_working_directory(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(platform_dir=Path("runs/demo/platform"), run_dir=Path("/elsewhere/run"), num_rounds=7)
+    anchored = config.anchored()
+    assert anchored.platform_dir == tmp_path / "runs/demo/platform" and anchored.run_dir == Path("/elsewhere/run")
+    assert dataclasses.replace(anchored, platform_dir=config.platform_dir) == config  # nothing else changed
+
+
 def test_a_run_id_above_the_signed_range_crosses_flowers_run_config() -> None:
     """Half of Flower's run ids exceed 2**63 - 1; Flower's user config holds signed 64-bit integers."""
     from flwr.common.serde import user_config_from_proto, user_config_to_proto
